@@ -1,0 +1,125 @@
+"""Records passed between the rollout, the math and the module.
+
+Shapes and mask polarity, stated once for the whole package:
+
+- ``B`` is the number of sequences in a rollout, ``P`` the padded prompt length, ``T`` the padded response length.
+- Prompts are **left**-padded: ``prompt_mask[b, p]`` is True for a real prompt token.
+- Responses are **right**-padded: ``response_mask[b, t]`` is True for a real response token. The stop token (EOS or
+  an extra stop token) is a real token, every column after it is False. Every row has at least one real token.
+- Per-token tensors ``(B, T)`` hold the quantity for response token ``t``: ``old_logprobs[b, t]`` is
+  log pi_old(response_ids[b, t] | prompt, response_ids[b, :t]) and ``old_values[b, t]`` is V(s_t), the value of the
+  state *before* that token is emitted. Entries where ``response_mask`` is False are 0 and carry no meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class PolicyLossStats(NamedTuple):
+    """Diagnostics of one ``policy_loss`` call; detached scalars over real tokens."""
+
+    clipfrac: Tensor
+    """Fraction of tokens whose clipped surrogate is the active term (gradient zeroed by the clip)."""
+    approx_kl: Tensor
+    """k3 estimate of KL(pi_old || pi): mean of (r - 1) - log r; >= 0 and unbiased (Schulman 2020)."""
+    approx_kl_k1: Tensor
+    """k1 estimate: mean of -log r = mean(old_logprob - logprob); unbiased, can be negative."""
+    ratio_mean: Tensor
+    """Mean probability ratio r = pi / pi_old."""
+    ratio_max: Tensor
+    """Largest probability ratio in the batch; a blow-up shows here first."""
+    dual_clipfrac: Tensor
+    """Fraction of tokens capped by the dual clip (0 when dual clipping is off)."""
+
+
+class ValueLossStats(NamedTuple):
+    """Diagnostics of one ``value_loss`` call; detached scalars over real tokens."""
+
+    clipfrac: Tensor
+    """Fraction of tokens where the clipped squared error is the larger one (0 when value clipping is off)."""
+    explained_var: Tensor
+    """1 - Var(returns - values) / Var(returns); 1 is perfect, 0 is no better than a constant, < 0 is worse."""
+    value_mean: Tensor
+    """Mean predicted value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One batch of sampled responses and everything PPO derives from it.
+
+    The rollout phase fills the first eight fields; scoring and advantage estimation add the rest with
+    ``dataclasses.replace`` (the record is immutable, so no stage edits another stage's tensors).
+    """
+
+    prompt_ids: Tensor
+    """(B, P) long, left-padded prompt tokens."""
+    prompt_mask: Tensor
+    """(B, P) bool, True for a real prompt token."""
+    response_ids: Tensor
+    """(B, T) long, sampled tokens, cut after the first stop token and right-padded."""
+    response_mask: Tensor
+    """(B, T) bool, True for a real response token (the stop token included)."""
+    old_logprobs: Tensor
+    """(B, T) float32, log-probabilities of the sampled tokens under the rollout policy (temperature applied)."""
+    ref_logprobs: Tensor
+    """(B, T) float32, log-probabilities under the reference policy (same temperature)."""
+    old_values: Tensor
+    """(B, T) float32, value estimates V(s_t) of the rollout critic."""
+    ended: Tensor
+    """(B,) bool, True when the response ended with a stop token rather than hitting ``max_new_tokens``."""
+    scores: Tensor | None = None
+    """(B,) float32, sequence-level reward after normalization, clipping and the missing-EOS penalty."""
+    kl: Tensor | None = None
+    """(B, T) float32, per-token KL estimate between the rollout policy and the reference."""
+    rewards: Tensor | None = None
+    """(B, T) float32, per-token rewards: -kl_coef * kl everywhere, plus the score on the last real token."""
+    advantages: Tensor | None = None
+    """(B, T) float32, GAE advantages (whitened if configured)."""
+    returns: Tensor | None = None
+    """(B, T) float32, value targets: GAE advantages (before whitening) + old values."""
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(B, P + T) prompt and response tokens side by side."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, P + T) bool, True for every real prompt or response token."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def select(self, index: Tensor) -> Rollout:
+        """Rows ``index`` (a 1-D long tensor) of every per-sequence field."""
+        return self._map(lambda t: t[index])
+
+    def minibatches(self, num_minibatches: int, generator: torch.Generator | None = None) -> list[Rollout]:
+        """Split into ``num_minibatches`` equal, disjoint minibatches after a random permutation of the rows.
+
+        Raises:
+            ValueError: if ``num_minibatches`` does not divide the rollout size.
+        """
+        size = len(self)
+        if num_minibatches < 1 or size % num_minibatches:
+            raise ValueError(
+                f"num_minibatches={num_minibatches} must be >= 1 and divide the rollout size {size}; "
+                f"choose a divisor of the per-device batch size."
+            )
+        order = torch.randperm(size, generator=generator).to(self.response_ids.device)
+        return [self.select(chunk) for chunk in order.chunk(num_minibatches)]
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """The same record with every tensor on ``device``."""
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Rollout:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Rollout(**{name: None if value is None else fn(value) for name, value in fields.items()})
