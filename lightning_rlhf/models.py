@@ -1,0 +1,365 @@
+"""The policy: a causal LM (hub id, local directory, or tiny random Llama), LoRA, a value head, and the reference.
+
+With LoRA (the default) the reference policy is the same network with the adapter disabled, so no second copy of the
+weights exists. With full fine-tuning the reference is a frozen deep copy. The critic is a linear value head on the
+policy's last hidden state (after the final norm), sharing the backbone with the policy.
+
+Every use of the model (policy logits and values, reference logits, generation) goes through
+:meth:`PolicyValueModel.forward`, so a sharded wrapper around it (FSDP1 ``wrap``, FSDP2 ``fully_shard``) always runs
+its root hooks.
+
+Where this departs from the usual HF usage:
+
+- **No ``output_hidden_states``.** The decoder and ``lm_head`` are called directly: in transformers 5 the
+  hidden-states path installs hooks lazily, which breaks pickling after a forward and returns None after unpickling
+  (``ddp_spawn``). It is also cheaper: ``lm_head`` runs only on the requested positions.
+- **Logit post-processing.** Because ``lm_head`` is called directly, a transform an architecture applies after it is
+  lost. Gemma-style ``final_logit_softcapping`` is re-applied here; for everything else ``build_policy`` compares this
+  path with the model's own forward on a few tokens and refuses a model whose logits differ (Cohere's
+  ``logit_scale``, Granite's ``logits_scaling``, ...) rather than silently train on different logprobs.
+- **Generation defaults.** ``build_policy`` replaces the checkpoint's ``generation_config`` by one that holds only the
+  special token ids: rollouts are configured by :class:`lightning_rlhf.rollout.GenerationConfig` alone, so a
+  checkpoint's ``top_k`` or ``repetition_penalty`` can never make the sampling distribution differ from the one
+  whose logprobs PPO uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import peft
+import torch
+import transformers
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES: tuple[str, ...] = ("policy", "ref", "generate")
+BYTE_TOKENIZER = "byte"
+"""``PolicyConfig.tokenizer`` value that selects ``transformers.ByT5Tokenizer()`` (no files, no network)."""
+VALUE_HEAD_INIT_SCALE = 0.1
+"""The value head's weight is drawn from N(0, (VALUE_HEAD_INIT_SCALE / sqrt(hidden_size))^2) and its bias is 0, so on
+a final hidden state of unit RMS the initial values are about N(0, 0.01) whatever the width: the critic starts near
+0 instead of at a random offset that the first value losses would have to unlearn."""
+_LOGITS_CHECK_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the small random Llama built when ``PolicyConfig.name_or_path`` is None (offline runs and tests)."""
+
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 128
+    """Width of the MLP's hidden layer."""
+    num_hidden_layers: int = 2
+    """Number of decoder layers."""
+    num_attention_heads: int = 4
+    """Number of query heads; must divide ``hidden_size``."""
+    num_key_value_heads: int | None = None
+    """Number of key/value heads (grouped-query attention); None means one per query head."""
+    max_position_embeddings: int = 512
+    """Longest prompt + response the rotary embedding is set up for."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which causal LM to load and how."""
+
+    name_or_path: str | None = None
+    """HF hub id or local directory of a causal LM; None builds a tiny random Llama from ``tiny``."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or directory; None means the same as ``name_or_path``, or ``"byte"`` when that is None.
+    ``"byte"`` selects ``transformers.ByT5Tokenizer()``, which needs no files."""
+    dtype: str = "float32"
+    """Parameter dtype of the language model: ``"float32"``, ``"bfloat16"`` or ``"float16"``. The value head is
+    always float32."""
+    trust_remote_code: bool = False
+    """Allow model and tokenizer code from the checkpoint's repository to run."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the tiny random model; used only when ``name_or_path`` is None."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (non-reentrant checkpointing) to save memory."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter on the policy (Hu et al. 2021), passed through to ``peft.LoraConfig``."""
+
+    enabled: bool = True
+    """False means full fine-tuning: every LM weight trains and the reference is a frozen deep copy."""
+    r: int = 8
+    """Rank of the update ``B @ A``."""
+    alpha: int = 16
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (active only in training mode, so never during rollouts)."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names (or suffixes) that get an adapter; ``"all-linear"`` means every linear layer but the output head."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full next to the adapter, e.g. ``["lm_head"]`` (peft ``modules_to_save``). The reference
+    (adapter disabled) uses their original weights."""
+
+
+def _check_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"Unknown policy.dtype {name!r}; choose one of {', '.join(repr(d) for d in DTYPES)}.")
+    return DTYPES[name]
+
+
+def _looks_local(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything absolute, relative-looking or deeper is a local path.
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def _check_local_path(name: str, option: str) -> None:
+    if _looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(f"{option}={name!r} is not an existing directory; fix the path or give a hub id.")
+
+
+def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer for ``cfg``, with a pad token and left padding (prompts are left-padded for generation).
+
+    Raises:
+        ValueError: the tokenizer has neither a pad nor an EOS token.
+        OSError: the tokenizer cannot be loaded (the message names ``policy.tokenizer``).
+    """
+    name = cfg.tokenizer or cfg.name_or_path or BYTE_TOKENIZER
+    if name == BYTE_TOKENIZER:
+        tokenizer = transformers.ByT5Tokenizer()
+    else:
+        option = "policy.tokenizer" if cfg.tokenizer else "policy.name_or_path"
+        _check_local_path(name, option)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        except OSError as err:
+            raise OSError(f"Could not load the tokenizer {option}={name!r}: {err}") from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"The tokenizer {name!r} has neither a pad nor an EOS token; choose another policy.tokenizer or add "
+                "a pad token to it (tokenizer.add_special_tokens({'pad_token': ...}) and save it)."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _tiny_llama(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> nn.Module:
+    tiny = cfg.tiny
+    config = transformers.LlamaConfig(
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _pretrained(cfg: PolicyConfig, dtype: torch.dtype) -> nn.Module:
+    name = cfg.name_or_path
+    _check_local_path(name, "policy.name_or_path")
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as err:
+        raise OSError(f"Could not load the causal LM policy.name_or_path={name!r}: {err}") from err
+
+
+def _check_logits_path(lm: nn.Module) -> None:
+    """Refuse a model whose own forward gives other logits than ``PolicyValueModel``'s decoder + ``lm_head`` path."""
+    text = lm.config.get_text_config()
+    input_ids = torch.arange(4, device=lm.device).remainder(text.vocab_size)[None]  # (1, 4)
+    attention_mask = torch.ones_like(input_ids)
+    modes = {m: m.training for m in lm.modules()}
+    lm.eval()
+    try:
+        with torch.no_grad():
+            theirs = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+            ours = PolicyValueModel._logits(lm, PolicyValueModel._hidden(lm, input_ids, attention_mask, None)).float()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    difference = (ours - theirs).abs().max().item()
+    if difference > _LOGITS_CHECK_TOLERANCE.get(lm.dtype, 1e-4) * max(1.0, theirs.abs().max().item()):
+        raise NotImplementedError(
+            f"{type(lm).__name__} post-processes its logits after lm_head in a way PolicyValueModel does not "
+            f"reproduce (max difference {difference:.3g}); choose another policy.name_or_path or extend "
+            "PolicyValueModel._logits."
+        )
+
+
+def _attach_lora(lm: nn.Module, lora: LoraConfig) -> peft.PeftModel:
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+    )
+    try:
+        with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(lm, config)
+    except ValueError as err:
+        if "not found in the base model" not in str(err) and "No modules were targeted" not in str(err):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"lora.target_modules={lora.target_modules!r} matches no module of {type(lm).__name__}; its linear "
+            f"layers are named {names} (or use 'all-linear')."
+        ) from err
+
+
+def _enable_checkpointing(lm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing on every decoder layer.
+
+    transformers also hooks the input embeddings so that their output requires grad; only reentrant checkpointing
+    needs that, and the hook is a local function that makes the model unpicklable, so it is removed.
+    """
+    if hasattr(lm, "activation_checkpointing_enable"):  # the transformers 5 name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.disable_input_require_grads()
+
+
+def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedTokenizerBase) -> PolicyValueModel:
+    """Load or build the causal LM, attach LoRA (or set up full fine-tuning) and a value head.
+
+    Args:
+        cfg: which model and how to load it.
+        lora: the adapter; ``lora.enabled=False`` selects full fine-tuning with a frozen copy as the reference.
+        tokenizer: from :func:`load_tokenizer`; sets the tiny model's vocabulary size and special token ids.
+    Returns:
+        A :class:`PolicyValueModel` whose trainable parameters are the adapter (plus ``lora.modules_to_save``) and the
+        value head, or every LM weight and the value head with full fine-tuning.
+    Raises:
+        ValueError: an invalid ``policy.dtype`` or ``lora.target_modules`` that match nothing.
+        FileNotFoundError: ``policy.name_or_path`` is a local path that does not exist.
+    """
+    dtype = _check_dtype(cfg.dtype)
+    lm = _tiny_llama(cfg, tokenizer, dtype) if cfg.name_or_path is None else _pretrained(cfg, dtype)
+    _check_logits_path(lm)
+    old = lm.generation_config
+    lm.generation_config = transformers.GenerationConfig(
+        bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id, pad_token_id=old.pad_token_id
+    )
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(lm)
+    if lora.enabled:
+        policy = PolicyValueModel(_attach_lora(lm, lora))
+        lm.disable_input_require_grads()  # peft adds the hook again when checkpointing is on
+        return policy
+    ref_lm = copy.deepcopy(lm)
+    lm.requires_grad_(True)
+    return PolicyValueModel(lm, ref_lm=ref_lm)
+
+
+class PolicyValueModel(nn.Module):
+    """Policy (LM with adapter), reference (adapter disabled, or a frozen copy) and critic (value head) in one module.
+
+    ``ref_lm`` stays in eval mode whatever ``train()`` is called with: the reference must be deterministic.
+    """
+
+    def __init__(self, lm: nn.Module, ref_lm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.lm = lm
+        """``peft.PeftModel`` (LoRA) or the plain HF causal LM (full fine-tuning)."""
+        self.ref_lm = ref_lm
+        """Frozen reference copy for full fine-tuning; None with LoRA (reference = adapter disabled)."""
+        if ref_lm is not None:
+            ref_lm.requires_grad_(False)
+            ref_lm.eval()
+        hidden_size = lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        """Critic: final hidden state (after the final norm) -> V(s), float32."""
+        nn.init.normal_(self.value_head.weight, std=VALUE_HEAD_INIT_SCALE / math.sqrt(hidden_size))
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def uses_lora(self) -> bool:
+        """True when the policy is a LoRA adapter and the reference is the adapter-disabled base model."""
+        return isinstance(self.lm, peft.PeftModel)
+
+    def train(self, mode: bool = True) -> PolicyValueModel:
+        """Set training mode on everything but ``ref_lm``, which stays in eval mode."""
+        super().train(mode)
+        if self.ref_lm is not None:
+            self.ref_lm.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        mode: str = "policy",
+        logits_slice: tuple[int, int] | None = None,
+        **generate_kwargs,
+    ) -> tuple[Tensor, Tensor] | Tensor:
+        """Policy logits and values, reference logits, or generated tokens.
+
+        Args:
+            input_ids: (B, L) long token ids, left padding allowed.
+            attention_mask: (B, L) bool or int, True/1 for a real token.
+            mode: ``"policy"``, ``"ref"`` or ``"generate"``.
+            logits_slice: ``(start, end)``: return logits and values for positions ``start:end`` only (the others'
+                logits are never computed); None means every position.
+            **generate_kwargs: passed to ``generate`` (``mode="generate"`` only).
+        Returns:
+            ``"policy"``: ``(logits, values)``, (B, S, V) in the LM's dtype and (B, S) float32, where S is the slice
+            length (L without a slice). ``"ref"``: the reference logits, (B, S, V). ``"generate"``: (B, L + T') long,
+            the prompts followed by the generated tokens.
+        """
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(repr(m) for m in MODES)}.")
+        attention_mask = attention_mask.long()
+        if mode == "generate":
+            return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        if generate_kwargs:
+            raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
+        if mode == "policy":
+            hidden = self._hidden(self._causal_lm(self.lm), input_ids, attention_mask, logits_slice)
+            values = self.value_head(hidden.float()).squeeze(-1)
+            return self._logits(self._causal_lm(self.lm), hidden), values
+        if self.ref_lm is not None:
+            return self._logits(self.ref_lm, self._hidden(self.ref_lm, input_ids, attention_mask, logits_slice))
+        with self.lm.disable_adapter():
+            base = self._causal_lm(self.lm)
+            return self._logits(base, self._hidden(base, input_ids, attention_mask, logits_slice))
+
+    @staticmethod
+    def _causal_lm(lm: nn.Module) -> nn.Module:
+        return lm.get_base_model() if isinstance(lm, peft.PeftModel) else lm
+
+    @staticmethod
+    def _hidden(
+        causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, logits_slice: tuple[int, int] | None
+    ) -> Tensor:
+        # (B, L): positions count real tokens only, so a left-padded row sees the same positions as the row alone.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = causal_lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = out.last_hidden_state  # (B, L, H), after the final norm
+        return hidden if logits_slice is None else hidden[:, logits_slice[0] : logits_slice[1]]
+
+    @staticmethod
+    def _logits(causal_lm: nn.Module, hidden: Tensor) -> Tensor:
+        logits = causal_lm.get_output_embeddings()(hidden)  # (B, S, V)
+        cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2 and later: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits

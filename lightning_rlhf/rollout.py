@@ -1,0 +1,277 @@
+"""Prompts -> :class:`~lightning_rlhf.types.Rollout`: sample responses, cut them at the stop token, score them with the
+rollout policy, the reference and the critic.
+
+Choices made here (see :mod:`lightning_rlhf.types` for shapes and mask polarity):
+
+- **Temperature.** Old and reference logprobs divide the logits by the sampling temperature, so the PPO ratio and the
+  KL use the distribution that sampled the tokens, also when ``do_sample=False`` (greedy). ``top_k`` and ``top_p``
+  truncation is not reflected in the logprobs (as in TRL and OpenRLHF); leave them off for exact ratios.
+- **Sampling settings are explicit.** Every logits processor that has a neutral value (repetition penalty, top-k,
+  minimum length, ...) is set to it, so the model's ``generation_config`` (e.g. ``top_k=50``) cannot change the
+  sampling distribution; processors without a neutral value must be unset on the model, otherwise this refuses to run.
+- **Stop tokens.** A response ends at its first stop token (EOS or one of ``stop_token_ids``), which is a real token;
+  every later column is ``pad_token_id`` with mask False. A response that hit ``max_new_tokens`` has ``ended`` False.
+- **Mode.** Generation and scoring run without gradients and in eval mode (no dropout), and every submodule's
+  training flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from lightning_rlhf.functional import logprobs_from_logits
+from lightning_rlhf.models import PolicyValueModel
+from lightning_rlhf.types import Rollout
+
+_NO_NEUTRAL_VALUE: tuple[str, ...] = (
+    "bad_words_ids",
+    "begin_suppress_tokens",
+    "exponential_decay_length_penalty",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "max_time",
+    "min_p",
+    "sequence_bias",
+    "stop_strings",
+    "suppress_tokens",
+    "top_h",
+    "watermarking_config",
+)
+"""Generation options that ``generate`` copies from the model's ``generation_config`` when unset, and that have no
+value meaning "off" we could pass instead; they would change the sampling distribution or stop rows early."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How responses are sampled during rollouts."""
+
+    max_new_tokens: int = 32
+    """Longest response; a response that reaches it without a stop token has ``ended`` False."""
+    temperature: float = 1.0
+    """Softmax temperature of sampling; old and reference logprobs use it too, also with greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 turns it off (logprobs ignore the truncation)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 turns it off (logprobs ignore the truncation)."""
+    do_sample: bool = True
+    """False decodes greedily (deterministic tests); the logprobs still use ``temperature``."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response besides the tokenizer's EOS."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(
+                f"generation.temperature must be > 0, got {self.temperature}; use do_sample=False for greedy."
+            )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn it off.")
+        if self.top_k < 0:
+            raise ValueError(f"generation.top_k must be >= 0, got {self.top_k}; use 0 to turn it off.")
+
+
+class ResponseForward(NamedTuple):
+    """Outputs of one forward over prompt + response, at the response positions."""
+
+    logits: Tensor
+    """(B, T, V) logits that predict response token t (not masked, not divided by the temperature)."""
+    logprobs: Tensor
+    """(B, T) float32 log-probabilities of the response tokens at the temperature; 0 where the mask is False."""
+    values: Tensor | None
+    """(B, T) float32 V(s_t), the value before response token t; 0 where the mask is False. None for ``mode="ref"``."""
+
+
+def forward_response(
+    model: PolicyValueModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    temperature: float,
+    mode: str = "policy",
+) -> ResponseForward:
+    """One forward of prompt + response; logprobs and values for the response tokens.
+
+    The logits at positions ``P - 1 .. P + T - 2`` predict response tokens ``0 .. T - 1``; the values are read at the
+    same positions, so ``values[:, t]`` is V(s_t), the state before token t. Gradients flow (the PPO update calls this).
+
+    Args:
+        model: the policy.
+        prompt_ids: (B, P) long, left-padded.
+        prompt_mask: (B, P) bool, True for a real prompt token.
+        response_ids: (B, T) long, right-padded.
+        response_mask: (B, T) bool, True for a real response token.
+        temperature: the sampling temperature, > 0.
+        mode: ``"policy"`` (logprobs and values) or ``"ref"`` (reference logprobs, no values).
+    Returns:
+        A :class:`ResponseForward`.
+    """
+    if mode not in ("policy", "ref"):
+        raise ValueError(f"forward_response mode must be 'policy' or 'ref', got {mode!r}.")
+    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
+    response_mask = response_mask.bool()
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
+    logits_slice = (prompt_len - 1, prompt_len + response_len - 1)
+    out = model(input_ids, attention_mask, mode=mode, logits_slice=logits_slice)
+    logits, values = out if mode == "policy" else (out, None)
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    logprobs = torch.where(response_mask, logprobs_from_logits(logits, response_ids, temperature).float(), zero)
+    if values is not None:
+        values = torch.where(response_mask, values.float(), zero)
+    return ResponseForward(logits=logits, logprobs=logprobs, values=values)
+
+
+def truncate_at_stop(
+    response_ids: Tensor, stop_token_ids: list[int], pad_token_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut each response after its first stop token and drop the columns that are padding in every row.
+
+    Args:
+        response_ids: (B, T') long generated tokens (anything after a row's first stop token is ignored).
+        stop_token_ids: tokens that end a response (EOS included).
+        pad_token_id: written into every column after the stop token.
+    Returns:
+        ``(response_ids, response_mask, ended)``: (B, T) long, (B, T) bool with the stop token True and every later
+        column False, (B,) bool True where a stop token was found. ``T <= T'`` is the longest kept response.
+    """
+    stops = torch.tensor(stop_token_ids, dtype=response_ids.dtype, device=response_ids.device)
+    is_stop = torch.isin(response_ids, stops)  # (B, T')
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before column t
+    response_mask = stops_before == 0
+    length = int(response_mask.sum(-1).max())
+    response_ids = torch.where(response_mask, response_ids, pad_token_id)
+    return response_ids[:, :length], response_mask[:, :length], is_stop.any(-1)
+
+
+def _hf_generation_config(
+    generation: GenerationConfig, stop_token_ids: list[int], pad_token_id: int
+) -> transformers.GenerationConfig:
+    # Greedy ignores the sampling warpers; leaving them unset avoids transformers' "unused flag" warnings.
+    sampling = {}
+    if generation.do_sample:
+        sampling = {"temperature": generation.temperature, "top_k": generation.top_k, "top_p": generation.top_p}
+        sampling |= {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+    return transformers.GenerationConfig(
+        max_new_tokens=generation.max_new_tokens,
+        do_sample=generation.do_sample,
+        eos_token_id=stop_token_ids,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        num_beams=1,
+        num_return_sequences=1,
+        min_new_tokens=0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        guidance_scale=1.0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        return_dict_in_generate=False,
+        **sampling,
+    )
+
+
+def _check_no_inherited_processors(model: nn.Module) -> None:
+    lm = model.lm
+    inherited = [name for name in _NO_NEUTRAL_VALUE if getattr(lm.generation_config, name, None) is not None]
+    if inherited:
+        raise ValueError(
+            f"The policy's generation_config sets {inherited}, which would change how rollouts are sampled; set them "
+            "to None on model.lm.generation_config (build_policy does this)."
+        )
+
+
+def _micro_batches(size: int, micro_batch_size: int | None) -> Iterator[slice]:
+    step = size if micro_batch_size is None else micro_batch_size
+    if step < 1:
+        raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}.")
+    for start in range(0, size, step):
+        yield slice(start, start + step)
+
+
+@torch.no_grad()
+def _generate_and_score(
+    model: PolicyValueModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    generation: GenerationConfig,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    micro_batch_size: int | None,
+    synced_gpus: bool,
+) -> Rollout:
+    hf_config = _hf_generation_config(generation, stop_token_ids, pad_token_id)
+    sequences = model(prompt_ids, prompt_mask, mode="generate", generation_config=hf_config, synced_gpus=synced_gpus)
+    response_ids, response_mask, ended = truncate_at_stop(
+        sequences[:, prompt_ids.shape[1] :], stop_token_ids, pad_token_id
+    )
+    parts: dict[str, list[Tensor]] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
+    for rows in _micro_batches(prompt_ids.shape[0], micro_batch_size):
+        args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_mask[rows], generation.temperature)
+        policy = forward_response(model, *args, mode="policy")
+        parts["old_logprobs"].append(policy.logprobs)
+        parts["old_values"].append(policy.values)
+        parts["ref_logprobs"].append(forward_response(model, *args, mode="ref").logprobs)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        ended=ended,
+        **{name: torch.cat(chunks) for name, chunks in parts.items()},
+    )
+
+
+def generate_rollout(
+    model: PolicyValueModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    generation: GenerationConfig,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    micro_batch_size: int | None = None,
+    synced_gpus: bool = False,
+) -> Rollout:
+    """Sample one response per prompt and compute old logprobs, reference logprobs and values.
+
+    Runs without gradients and in eval mode; every submodule's training flag is restored afterwards.
+
+    Args:
+        model: the policy (possibly wrapped by a sharded strategy; it is only ever called through ``forward``).
+        prompt_ids: (B, P) long, left-padded prompts.
+        prompt_mask: (B, P) bool, True for a real prompt token; every row needs at least one.
+        generation: sampling settings.
+        eos_token_id: the tokenizer's EOS; ends a response like ``generation.stop_token_ids``.
+        pad_token_id: written after the stop token.
+        micro_batch_size: rows per scoring forward (old/ref logprobs, values); None scores the whole batch at once.
+            Generation always runs on the whole batch.
+        synced_gpus: keep generating until every rank is done (needed when parameters are sharded, e.g. FSDP).
+    Returns:
+        A :class:`Rollout` with the first eight fields set.
+    """
+    prompt_mask = prompt_mask.bool()
+    if prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids has shape {tuple(prompt_ids.shape)} but prompt_mask {tuple(prompt_mask.shape)}.")
+    if not bool(prompt_mask[:, -1].all()):
+        raise ValueError("Prompts must be left-padded: prompt_mask[:, -1] must be True in every row.")
+    _check_no_inherited_processors(model)
+    stop_token_ids = list(dict.fromkeys([eos_token_id, *generation.stop_token_ids]))
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        return _generate_and_score(
+            model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, micro_batch_size, synced_gpus
+        )
+    finally:
+        for module, training in modes.items():
+            module.training = training
