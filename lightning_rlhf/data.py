@@ -1,0 +1,327 @@
+"""Prompt data for PPO: load, tokenize and validate every prompt up front, then serve left-padded batches.
+
+Sources: a ``.jsonl`` file (a ``"prompt"`` field per line: text, or a list of chat messages), a ``.txt`` file (one
+prompt per line, kept verbatim, trailing spaces included), an inline Python list, or a built-in task
+(:mod:`lightning_rlhf.tasks`).
+
+Tokenization, chosen so the policy continues the prompt rather than a finished sequence:
+
+- **Text** is encoded with the tokenizer's special tokens (a BOS stays) minus a trailing EOS the tokenizer appends
+  (ByT5 and T5 do): an EOS at the end of a prompt would tell the policy the text is over.
+- **Chat messages** go through ``apply_chat_template(..., add_generation_prompt=True)`` and are encoded without adding
+  special tokens (the template writes its own). Rewards receive the content of the last user message as the prompt
+  text, so a chat-formatted reward model can apply its own template.
+- **Left truncation** (``truncation="left"``) keeps the last ``max_prompt_length`` tokens, which drops a BOS; rewards
+  still see the full prompt text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lightning_rlhf.tasks import get_task
+
+Prompt = str | list[dict[str, str]]
+"""One prompt: text, or a list of chat messages ``{"role": ..., "content": ...}``."""
+
+_MAX_ROWS_IN_MESSAGE = 5
+"""Errors list at most this many offending rows."""
+
+_EOS_PROBE = "a"
+"""Text encoded once to find out whether the tokenizer appends an EOS."""
+
+
+class LeftPadCollator:
+    """Collate ``{"input_ids": list[int], "prompt": str}`` rows into a left-padded :class:`PromptDataModule` batch.
+
+    A top-level class rather than a closure so it pickles (worker processes, DDP spawn).
+
+    Args:
+        pad_token_id: the id written in padding positions (masked out, so any valid id works).
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor | list[str]]:
+        """Returns ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool, "prompts": list[str]}``."""
+        width = max(len(r["input_ids"]) for r in rows)
+        prompt_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, P)
+        prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, P), True = real token
+        for b, row in enumerate(rows):
+            n = len(row["input_ids"])
+            prompt_ids[b, width - n :] = torch.tensor(row["input_ids"], dtype=torch.long)
+            prompt_mask[b, width - n :] = True
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompts": [r["prompt"] for r in rows]}
+
+
+class _PromptDataset(Dataset):
+    def __init__(self, input_ids: list[list[int]], texts: list[str]) -> None:
+        self.input_ids, self.texts = input_ids, texts
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[index], "prompt": self.texts[index]}
+
+
+def _list_rows(rows: list[str]) -> str:
+    more = f" and {len(rows) - _MAX_ROWS_IN_MESSAGE} more" if len(rows) > _MAX_ROWS_IN_MESSAGE else ""
+    return ", ".join(rows[:_MAX_ROWS_IN_MESSAGE]) + more
+
+
+def _read_file(path: Path) -> tuple[list[Any], list[str]]:
+    """Raw prompts of a .jsonl or .txt file and a label per prompt (``"file:line"``) for error messages."""
+    if not path.is_file():
+        raise ValueError(f"data.prompts: file {str(path)!r} does not exist.")
+    if path.suffix not in (".jsonl", ".txt"):
+        raise ValueError(f"data.prompts: {str(path)!r} must end in .jsonl or .txt (one prompt per line).")
+    text = path.read_text(encoding="utf-8-sig")
+    # Split on newlines only (str.splitlines also splits on form feeds and Unicode separators inside a prompt).
+    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
+    if path.suffix == ".txt":
+        return lines, [f"{path.name}:{i}" for i in range(1, len(lines) + 1)]
+    prompts, labels = [], []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data.prompts: {path.name}:{i} is not valid JSON ({err}).") from err
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError(f'data.prompts: {path.name}:{i} has no "prompt" field; each line needs {{"prompt": ...}}.')
+        prompts.append(record["prompt"])
+        labels.append(f"{path.name}:{i}")
+    return prompts, labels
+
+
+def _check_prompt(prompt: Any, label: str) -> None:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"data.prompts: prompt {label} is empty; remove it or give it text.")
+        return
+    is_chat = (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        )
+    )
+    if not is_chat:
+        raise ValueError(
+            f"data.prompts: prompt {label} is a {type(prompt).__name__}; a prompt is text or a non-empty list of "
+            f'chat messages {{"role": str, "content": str}}.'
+        )
+    if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
+        raise ValueError(f"data.prompts: prompt {label} has no user message with content.")
+
+
+def _reward_text(prompt: Prompt) -> str:
+    """The prompt text rewards see: the text itself, or the content of the last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def _appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    eos = tokenizer.eos_token_id
+    with_special = tokenizer(_EOS_PROBE, add_special_tokens=True)["input_ids"]
+    without = tokenizer(_EOS_PROBE, add_special_tokens=False)["input_ids"]
+    return eos is not None and with_special[-1:] == [eos] and without[-1:] != [eos]
+
+
+def _tokenize(prompts: list[Prompt], labels: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each prompt (not truncated), see the module docstring for the rules.
+
+    Raises:
+        ValueError: if a chat prompt is given and the tokenizer has no chat template.
+    """
+    texts = [p for p in prompts if isinstance(p, str)]
+    chats = [(p, label) for p, label in zip(prompts, labels, strict=True) if not isinstance(p, str)]
+    if chats and not tokenizer.chat_template:
+        raise ValueError(
+            f"data.prompts: prompt {chats[0][1]} is a list of chat messages but the tokenizer has no chat template; "
+            f"set tokenizer.chat_template or give the prompts as text."
+        )
+    text_ids = iter(tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])
+    rendered = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c, _ in chats]
+    chat_ids = iter(tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else [])
+    drop_eos = _appends_eos(tokenizer) if texts else False
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = list(next(text_ids))
+            out.append(ids[:-1] if drop_eos else ids)
+        else:
+            out.append(list(next(chat_ids)))
+    return out
+
+
+class PromptDataModule(LightningDataModule):
+    """Prompts for PPO rollouts, served as left-padded batches.
+
+    Give exactly one of ``prompts`` or ``task``. All prompts are loaded, tokenized and checked in ``setup`` so a bad
+    row fails before any training. Each batch is ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool (True =
+    real token), "prompts": list[str]}``, left-padded to the longest prompt of the batch.
+
+    Args:
+        prompts: path of a .jsonl file (a "prompt" field per line: text or a list of chat messages) or a .txt file
+            (one prompt per line), or an inline list of prompts.
+        task: name of a built-in task (lowercase, sentiment) whose generated prompts to use instead.
+        num_prompts: how many prompts to generate for ``task``.
+        batch_size: prompts per rollout and per device; constant (the last incomplete batch is dropped).
+        max_prompt_length: longest prompt in tokens; longer ones are an error or left-truncated (see ``truncation``).
+        truncation: what to do with a prompt longer than ``max_prompt_length``: "error", or "left" to keep its last
+            tokens.
+        shuffle: shuffle the prompts every epoch (with a generator seeded by ``seed``; under DDP Lightning swaps in a
+            DistributedSampler seeded by ``seed_everything``).
+        num_workers: DataLoader worker processes.
+        seed: seed of the task's prompt generator and of the shuffling order.
+        tokenizer: the policy tokenizer; by default the ``tokenizer`` attribute of the LightningModule being trained.
+    """
+
+    def __init__(
+        self,
+        prompts: str | list[str] | list[list[dict]] | None = None,
+        task: str | None = None,
+        num_prompts: int = 1024,
+        batch_size: int = 8,
+        max_prompt_length: int = 128,
+        truncation: Literal["error", "left"] = "error",
+        shuffle: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        if (prompts is None) == (task is None):
+            raise ValueError("give exactly one of data.prompts (a file or a list) or data.task (a built-in task name).")
+        if task is not None:
+            get_task(task)
+        if truncation not in ("error", "left"):
+            raise ValueError(f"data.truncation must be 'error' or 'left', got {truncation!r}.")
+        for field, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{field} must be >= 1, got {value}.")
+        if max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length must be >= 1, got {max_prompt_length}.")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
+        self.prompts = prompts
+        self.task = task
+        self.num_prompts = num_prompts
+        self.batch_size = batch_size
+        self.max_prompt_length = max_prompt_length
+        self.truncation = truncation
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self._dataset: _PromptDataset | None = None
+        self._pad_token_id = 0
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        """The prompt text of every row as rewards see it (available after ``setup``)."""
+        return self._loaded().texts
+
+    @property
+    def prompt_token_ids(self) -> list[list[int]]:
+        """The (possibly truncated) token ids of every row (available after ``setup``)."""
+        return self._loaded().input_ids
+
+    def _loaded(self) -> _PromptDataset:
+        if self._dataset is None:
+            raise RuntimeError("PromptDataModule.setup() has not run yet; prompts load there.")
+        return self._dataset
+
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        module = getattr(self.trainer, "lightning_module", None)
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "PromptDataModule has no tokenizer: pass tokenizer=... or train a LightningModule that has a "
+                "`tokenizer` attribute after __init__."
+            )
+        return tokenizer
+
+    def _raw_prompts(self) -> tuple[list[Any], list[str]]:
+        if self.task is not None:
+            prompts = get_task(self.task).prompts(self.num_prompts, self.seed)
+            return prompts, [f"{self.task}[{i}]" for i in range(len(prompts))]
+        if isinstance(self.prompts, str | Path):
+            return _read_file(Path(self.prompts))
+        if not isinstance(self.prompts, list | tuple):
+            raise ValueError(f"data.prompts must be a path or a list, got {type(self.prompts).__name__}.")
+        return list(self.prompts), [f"prompts[{i}]" for i in range(len(self.prompts))]
+
+    def _fit_length(self, ids: list[list[int]], labels: list[str]) -> list[list[int]]:
+        limit = self.max_prompt_length
+        too_long = [f"{label} ({len(x)} tokens)" for x, label in zip(ids, labels, strict=True) if len(x) > limit]
+        if too_long and self.truncation == "error":
+            raise ValueError(
+                f"{len(too_long)} prompts are longer than data.max_prompt_length={limit} tokens: "
+                f"{_list_rows(too_long)}; raise data.max_prompt_length, shorten them, or set data.truncation=left to "
+                f"keep their last {limit} tokens."
+            )
+        return [x[-limit:] for x in ids]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, tokenize and validate every prompt (once; later calls do nothing).
+
+        Raises:
+            ValueError: naming the ``data.*`` field and the row, for a missing or empty file, no prompts, an empty or
+                malformed prompt, a chat prompt without a chat template, a prompt longer than ``max_prompt_length``
+                under ``truncation="error"``, or fewer prompts per device than ``batch_size``.
+        """
+        if self._dataset is not None:
+            return
+        tokenizer = self._resolve_tokenizer()
+        prompts, labels = self._raw_prompts()
+        if not prompts:
+            raise ValueError(f"data.prompts: no prompts found in {self.prompts!r}.")
+        for prompt, label in zip(prompts, labels, strict=True):
+            _check_prompt(prompt, label)
+        ids = _tokenize(prompts, labels, tokenizer)
+        if no_tokens := [label for x, label in zip(ids, labels, strict=True) if not x]:
+            raise ValueError(f"data.prompts: prompt {_list_rows(no_tokens)} encodes to no tokens.")
+        ids = self._fit_length(ids, labels)
+        self._check_batch_size(len(ids))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad_token_id = 0 if pad is None else pad
+        self._dataset = _PromptDataset(ids, [_reward_text(p) for p in prompts])
+
+    def _check_batch_size(self, num_prompts: int) -> None:
+        world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        if num_prompts // world_size < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {num_prompts} prompts"
+                + (f" split over {world_size} devices" if world_size > 1 else "")
+                + "; lower data.batch_size or add prompts (batches are full-size only, the remainder is dropped)."
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded), full-size, left-padded batches; see the class docstring for the batch layout."""
+        dataset = self._loaded()
+        self._check_batch_size(len(dataset))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            drop_last=True,  # constant batch size, so PPO minibatch splits always divide it
+            num_workers=self.num_workers,
+            collate_fn=LeftPadCollator(self._pad_token_id),
+            generator=torch.Generator().manual_seed(self.seed) if self.shuffle else None,
+        )

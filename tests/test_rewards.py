@@ -1,0 +1,272 @@
+"""Reward interface, score validation, rule rewards (hand-worked values) and the HF reward-model scorer (tiny model)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+from transformers import AutoModelForSequenceClassification, ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+
+from lightning_rlhf.rewards import (
+    CharFractionReward,
+    LengthReward,
+    LexiconSentimentReward,
+    Reward,
+    RewardModelScorer,
+    call_reward,
+    validate_scores,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+PROMPTS = ["The movie was", "Say something: ", "Hi"]
+RESPONSES = [" great fun", "a b c d e f g h", ""]
+
+
+class Boom(Reward):
+    def __call__(self, prompts, responses, **tensors):
+        raise KeyError("missing")
+
+
+class Spy(Reward):
+    def __call__(self, prompts, responses, **tensors):
+        self.seen = tensors
+        return torch.zeros(len(prompts))
+
+
+# ---------------------------------------------------------------- validate_scores / call_reward
+
+
+@pytest.mark.parametrize(
+    ("scores", "match"),
+    [
+        (torch.zeros(3, 1), r"MyReward.*shape \(3, 1\); expected \(3,\).*squeeze"),
+        (torch.zeros(2), r"MyReward.*shape \(2,\); expected \(3,\)"),
+        (torch.zeros(()), r"MyReward.*shape \(\); expected \(3,\)"),
+        (torch.tensor([1, 0, 1]), r"MyReward.*dtype torch.int64.*convert with \.float\(\)"),
+        (torch.tensor([True, False, True]), r"MyReward.*dtype torch.bool.*convert with \.float\(\)"),
+        ([1, 2, 3], r"MyReward.*dtype torch.int64.*convert with \.float\(\)"),
+        (torch.tensor([0.0, float("nan"), 1.0]), r"MyReward.*non-finite.*NaN in rows 1\)"),
+        (torch.tensor([0.0, 1.0, -float("inf")]), r"MyReward.*non-finite.*\(inf in rows 2\)"),
+        (torch.tensor([float("nan"), float("inf"), float("nan")]), r"NaN in rows 0, 2; inf in rows 1"),
+        ("0.5", r"MyReward returned str; return a torch.Tensor of shape \(3,\)"),
+        (None, r"MyReward returned NoneType"),
+        ({"a": 1.0}, r"MyReward returned dict"),
+        (["a", "b", "c"], r"MyReward returned list"),
+    ],
+)
+def test_validate_scores_rejects(scores, match):
+    with pytest.raises(ValueError, match=match):
+        validate_scores(scores, 3, "MyReward")
+
+
+def test_validate_scores_converts_and_detaches():
+    out = validate_scores([0.5, 1, -2.0], 3, "r")  # a list of numbers becomes a tensor
+    assert_close(out, torch.tensor([0.5, 1.0, -2.0]))
+    assert out.dtype == torch.float32
+    assert validate_scores(np.array([1.0, 2.0]), 2, "r").dtype == torch.float32  # float64 NumPy -> float32
+    half = validate_scores(torch.tensor([0.25], dtype=torch.float16), 1, "r")
+    assert half.dtype == torch.float32
+    grad = validate_scores(torch.ones(2, requires_grad=True) * 2, 2, "r")
+    assert not grad.requires_grad
+
+
+def test_call_reward_wraps_exceptions():
+    with pytest.raises(RuntimeError, match=r"reward Boom raised KeyError: 'missing'") as info:
+        call_reward(Boom(), ["p"], ["r"])
+    assert isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(RuntimeError, match=r"reward Reward raised NotImplementedError"):
+        call_reward(Reward(), ["p"], ["r"])
+
+
+def test_call_reward_validates_and_names_functions():
+    def two_scores(prompts, responses):
+        return torch.zeros(2)
+
+    with pytest.raises(ValueError, match=r"two_scores returned scores of shape \(2,\); expected \(1,\)"):
+        call_reward(two_scores, ["p"], ["r"])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        call_reward(two_scores, ["p", "q"], ["r"])
+
+
+def test_call_reward_passes_tensors_to_reward_only():
+    spy, ids = Spy(), torch.ones(1, 2, dtype=torch.long)
+    call_reward(spy, ["p"], ["r"], response_ids=ids)
+    assert spy.seen["response_ids"] is ids
+    # A plain callable is called as f(prompts, responses): no keyword tensors.
+    out = call_reward(lambda p, r: [float(len(x)) for x in r], ["p", "q"], ["ab", "abc"], response_ids=ids)
+    assert_close(out, torch.tensor([2.0, 3.0]))
+
+
+# ---------------------------------------------------------------- rule rewards
+
+
+def test_char_fraction_reward():
+    # "abc": 3/3; "aB c": a, " ", c of 4 -> 0.75; "": 0 by definition; "ABC!": 0/4.
+    out = call_reward(CharFractionReward(), ["p"] * 4, ["abc", "aB c", "", "ABC!"])
+    assert_close(out, torch.tensor([1.0, 0.75, 0.0, 0.0]))
+    # "0101x": 4 of 5 characters are in "01".
+    assert_close(CharFractionReward("01")(["p"], ["0101x"]), torch.tensor([0.8]))
+    with pytest.raises(ValueError, match="chars must not be empty"):
+        CharFractionReward("")
+
+
+def test_char_fraction_min_len_closes_the_short_response_hack():
+    # min_len 8: "a" -> 1/8; "abcdefgh" -> 8/8; "abcdefghij" (longer than min_len) -> 10/10; "" -> 0/8.
+    out = CharFractionReward(min_len=8)(["p"] * 4, ["a", "abcdefgh", "abcdefghij", ""])
+    assert_close(out, torch.tensor([0.125, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="min_len"):
+        CharFractionReward(min_len=-1)
+
+
+def test_lexicon_sentiment_reward():
+    responses = ["The movie was great and fun", "Boring, dull... but GOOD", "", "bad", "it's a film"]
+    # 2 positive of 6 words = 1/3; (1 - 2) / 4 words = -0.25; no words -> 0 / max(1, 0) = 0; -1 / 1; 0 / 3.
+    out = call_reward(LexiconSentimentReward(), ["p"] * 5, responses)
+    assert_close(out, torch.tensor([1 / 3, -0.25, 0.0, -1.0, 0.0]))
+    custom = LexiconSentimentReward(positive=["Yay"], negative=["boo"])
+    # words yay, YAY, boo, great: (2 - 1) / 4 (default words like "great" no longer count).
+    assert_close(custom(["p"], ["yay YAY boo great"]), torch.tensor([0.25]))
+    with pytest.raises(ValueError, match=r"both lexicons: \['meh'\]"):
+        LexiconSentimentReward(positive=["meh"], negative=["MEH"])
+
+
+def test_length_reward():
+    # target 4: 1 - |len - 4| / 4 clipped to [0, 1]: len 4 -> 1, 2 -> 0.5, 5 -> 0.75, 8 -> 0, 10 -> 0 (clipped), 0 -> 0.
+    out = LengthReward(target_len=4)(["p"] * 6, ["abcd", "ab", "abcde", "abcdefgh", "a" * 10, ""])
+    assert_close(out, torch.tensor([1.0, 0.5, 0.75, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="target_len must be > 0"):
+        LengthReward(0)
+
+
+def test_rule_rewards_are_plain_picklable_objects():
+    for reward in (CharFractionReward(), LexiconSentimentReward(), LengthReward()):
+        assert not isinstance(reward, nn.Module)
+        clone = pickle.loads(pickle.dumps(reward))
+        assert_close(clone(PROMPTS, RESPONSES), reward(PROMPTS, RESPONSES))
+
+
+# ---------------------------------------------------------------- RewardModelScorer
+
+
+def _save_reward_model(path, tokenizer, pad_token_id, num_labels=1):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_labels=num_labels,
+        pad_token_id=pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def byt5():
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def rm_path(tmp_path_factory, byt5):
+    return _save_reward_model(tmp_path_factory.mktemp("rm"), byt5, pad_token_id=byt5.pad_token_id)
+
+
+def manual_scores(path, texts, tokenizer, add_special_tokens=True, keep_last=None):
+    """Score each text alone: run the backbone, apply the head at the last token."""
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt").input_ids
+            ids = ids[:, -keep_last:] if keep_last else ids
+            hidden = model.model(input_ids=ids).last_hidden_state  # (1, L, H)
+            out.append(model.score(hidden[:, -1]).squeeze())
+    return torch.stack(out)
+
+
+def test_scorer_matches_manual_forward_and_ignores_batching(rm_path, byt5):
+    scorer = RewardModelScorer(rm_path, batch_size=2)
+    assert scorer.model is None  # __init__ loads nothing
+    scorer.setup(torch.device("cpu"))
+    expected = manual_scores(rm_path, [p + r for p, r in zip(PROMPTS, RESPONSES, strict=True)], byt5)
+    scores = call_reward(scorer, PROMPTS, RESPONSES)
+    assert_close(scores, expected)
+    # Padding and batch composition change nothing: one big batch, and each text alone.
+    scorer.batch_size = 16
+    assert_close(scorer(PROMPTS, RESPONSES), expected)
+    alone = torch.cat([scorer([p], [r]) for p, r in zip(PROMPTS, RESPONSES, strict=True)])
+    assert_close(alone, expected)
+    assert expected.std() > 0  # the texts do get different scores
+
+
+def test_scorer_is_frozen_and_not_a_module(rm_path):
+    scorer = RewardModelScorer(rm_path)
+    scorer.setup(torch.device("cpu"))
+    assert not isinstance(scorer, nn.Module)
+    assert not scorer.model.training
+    assert not any(p.requires_grad for p in scorer.model.parameters())
+    assert not scorer(PROMPTS, RESPONSES).requires_grad
+    assert scorer.tokenizer.padding_side == "right"
+
+
+def test_scorer_sets_missing_pad_token_id(tmp_path, byt5):
+    # Without config.pad_token_id the head would pool at the last column, i.e. at padding for shorter texts.
+    path = _save_reward_model(tmp_path, byt5, pad_token_id=None)
+    scorer = RewardModelScorer(path, batch_size=8)
+    scorer.setup(torch.device("cpu"))
+    assert scorer.model.config.pad_token_id == byt5.pad_token_id
+    alone = torch.cat([scorer([p], [r]) for p, r in zip(PROMPTS, RESPONSES, strict=True)])
+    assert_close(scorer(PROMPTS, RESPONSES), alone)
+
+
+def test_scorer_chat_template(rm_path, byt5):
+    scorer = RewardModelScorer(rm_path, use_chat_template=True)
+    scorer.setup(torch.device("cpu"))
+    texts = [
+        byt5.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+        for p, r in zip(PROMPTS, RESPONSES, strict=True)
+    ]
+    assert texts[0] == "<user>The movie was\n<assistant> great fun\n"
+    assert_close(scorer(PROMPTS, RESPONSES), manual_scores(rm_path, texts, byt5, add_special_tokens=False))
+
+
+def test_scorer_keeps_last_tokens_when_too_long(rm_path, byt5):
+    scorer = RewardModelScorer(rm_path, max_length=5)
+    scorer.setup(torch.device("cpu"))
+    with pytest.warns(UserWarning, match="max_length=5"):
+        scores = scorer(PROMPTS[:2], RESPONSES[:2])
+    texts = [p + r for p, r in zip(PROMPTS[:2], RESPONSES[:2], strict=True)]
+    assert_close(scores, manual_scores(rm_path, texts, byt5, keep_last=5))
+
+
+def test_scorer_pickles_config_only(rm_path):
+    scorer = RewardModelScorer(rm_path)
+    scorer.setup(torch.device("cpu"))
+    clone = pickle.loads(pickle.dumps(scorer))
+    assert clone.model is None
+    with pytest.raises(RuntimeError, match=r"call setup\(device\)"):
+        clone(PROMPTS, RESPONSES)
+    clone.setup(torch.device("cpu"))
+    assert_close(clone(PROMPTS, RESPONSES), scorer(PROMPTS, RESPONSES))
+
+
+def test_scorer_config_errors(tmp_path, rm_path, byt5):
+    with pytest.raises(ValueError, match="dtype='fp32' is not one of"):
+        RewardModelScorer(rm_path, dtype="fp32")
+    two_labels = RewardModelScorer(_save_reward_model(tmp_path, byt5, pad_token_id=0, num_labels=2))
+    with pytest.raises(ValueError, match="num_labels=2"):
+        two_labels.setup(torch.device("cpu"))
+    no_template = tmp_path / "plain"
+    _save_reward_model(no_template, ByT5Tokenizer(), pad_token_id=0)
+    with pytest.raises(ValueError, match="has no chat template"):
+        RewardModelScorer(str(no_template), use_chat_template=True).setup(torch.device("cpu"))
