@@ -178,7 +178,11 @@ def call_reward(
 
 
 class RewardModelScorer(Reward):
-    """A Hugging Face ``AutoModelForSequenceClassification`` reward model (``num_labels=1``) with its own tokenizer.
+    """A Hugging Face ``AutoModelForSequenceClassification`` reward model with its own tokenizer.
+
+    A scalar reward model (``num_labels=1``) is used as is; a classifier (e.g. a sentiment model) is used through the
+    logit of one class, named by ``label_index`` (the classic "positive IMDB review" setup scores with the positive
+    class logit).
 
     The score of a (prompt, response) pair is the logit at the last real token of ``prompt + response`` (or of the
     chat template applied to ``[user: prompt, assistant: response]``), computed without gradients in micro-batches.
@@ -194,6 +198,8 @@ class RewardModelScorer(Reward):
         max_length: longest text in tokens; longer texts keep their last ``max_length`` tokens.
         trust_remote_code: allow custom modelling code from the model repository.
         use_chat_template: format each pair with the reward tokenizer's chat template instead of concatenating.
+        label_index: the class whose logit is the score, for a model with several labels; None requires
+            ``num_labels=1``.
     """
 
     DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -207,6 +213,7 @@ class RewardModelScorer(Reward):
         max_length: int = 1024,
         trust_remote_code: bool = False,
         use_chat_template: bool = False,
+        label_index: int | None = None,
     ) -> None:
         if dtype not in self.DTYPES:
             raise ValueError(f"RewardModelScorer dtype={dtype!r} is not one of {self.DTYPES}.")
@@ -221,6 +228,7 @@ class RewardModelScorer(Reward):
         self.max_length = max_length
         self.trust_remote_code = trust_remote_code
         self.use_chat_template = use_chat_template
+        self.label_index = label_index
         self.model: Any = None
         self.tokenizer: Any = None
         self._warned_truncation = False
@@ -257,10 +265,15 @@ class RewardModelScorer(Reward):
         model = AutoModelForSequenceClassification.from_pretrained(
             self.name_or_path, dtype=dtype, trust_remote_code=self.trust_remote_code
         )
-        if model.config.num_labels != 1:
+        num_labels = model.config.num_labels
+        if self.label_index is None and num_labels != 1:
             raise ValueError(
-                f"reward model {self.name_or_path!r} has num_labels={model.config.num_labels}; a scalar reward model "
-                f"needs num_labels=1."
+                f"reward model {self.name_or_path!r} has num_labels={num_labels}; a scalar reward model needs "
+                f"num_labels=1, or set label_index to the class whose logit is the reward (e.g. the positive class)."
+            )
+        if self.label_index is not None and not 0 <= self.label_index < num_labels:
+            raise ValueError(
+                f"RewardModelScorer label_index={self.label_index} is out of range for num_labels={num_labels}."
             )
         text_config = model.config.get_text_config()
         if text_config.pad_token_id is None:
@@ -320,7 +333,7 @@ class RewardModelScorer(Reward):
                 input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
                 attention_mask[j, : len(ids[i])] = 1
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            scores[torch.tensor(rows, device=device)] = logits[:, 0].float()
+            scores[torch.tensor(rows, device=device)] = logits[:, self.label_index or 0].float()
         return scores
 
 

@@ -260,12 +260,26 @@ def test_scorer_pickles_config_only(rm_path):
     assert_close(clone(PROMPTS, RESPONSES), scorer(PROMPTS, RESPONSES))
 
 
+def test_scorer_label_index_picks_one_class_logit(tmp_path, byt5):
+    path = _save_reward_model(tmp_path, byt5, pad_token_id=byt5.pad_token_id, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        ids = byt5(PROMPTS[0] + RESPONSES[0], return_tensors="pt").input_ids
+        expected = model(input_ids=ids).logits[0]  # (2,): one text, no padding
+    for index in (0, 1):
+        scorer = RewardModelScorer(path, label_index=index)
+        scorer.setup(torch.device("cpu"))
+        assert_close(scorer(PROMPTS[:1], RESPONSES[:1]), expected[index : index + 1])
+
+
 def test_scorer_config_errors(tmp_path, rm_path, byt5):
     with pytest.raises(ValueError, match="dtype='fp32' is not one of"):
         RewardModelScorer(rm_path, dtype="fp32")
-    two_labels = RewardModelScorer(_save_reward_model(tmp_path, byt5, pad_token_id=0, num_labels=2))
-    with pytest.raises(ValueError, match="num_labels=2"):
-        two_labels.setup(torch.device("cpu"))
+    two_labels = _save_reward_model(tmp_path, byt5, pad_token_id=0, num_labels=2)
+    with pytest.raises(ValueError, match=r"num_labels=2.*label_index"):
+        RewardModelScorer(two_labels).setup(torch.device("cpu"))
+    with pytest.raises(ValueError, match="label_index=2 is out of range"):
+        RewardModelScorer(two_labels, label_index=2).setup(torch.device("cpu"))
     no_template = tmp_path / "plain"
     _save_reward_model(no_template, ByT5Tokenizer(), pad_token_id=0)
     with pytest.raises(ValueError, match="has no chat template"):

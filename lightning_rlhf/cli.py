@@ -1,0 +1,53 @@
+"""The ``lightning-rlhf`` command: a LightningCLI over :class:`PPOModule` and :class:`PromptDataModule`.
+
+``lightning-rlhf fit --config recipe.yaml`` trains; ``--print_config`` shows every field with its value; any subclass
+of the module (a custom reward) or of the data module can be chosen with ``class_path``. Metrics go to a CSV file in
+the run directory (``runs/<name>/version_N/metrics.csv``) next to the resolved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.module import PPOModule
+
+DEFAULT_RUN_DIR = "runs"
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI with the package's defaults: PPOModule, PromptDataModule, CSV metrics in ``runs/``."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.set_defaults(
+            {
+                "model": {"class_path": "lightning_rlhf.module.PPOModule"},
+                "data": {"class_path": "lightning_rlhf.data.PromptDataModule"},
+            }
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-rlhf`` console script (``args`` replaces ``sys.argv[1:]`` in tests)."""
+    RLHFCLI(
+        PPOModule,
+        PromptDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": "ppo"},
+            },
+            "log_every_n_steps": 1,
+        },
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

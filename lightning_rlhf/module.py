@@ -1,0 +1,491 @@
+"""``PPOModule``: RLHF with PPO as one LightningModule under ``trainer.fit()``.
+
+Each ``training_step`` is one PPO iteration: a rollout from a batch of prompts, then ``ppo_epochs`` x
+``num_minibatches`` clipped-surrogate updates (manual optimization). The policy is a LoRA adapter on a frozen base
+model, the reference is the same base with the adapter disabled, and the critic is a value head on the same backbone.
+
+Where this departs from the usual loop:
+
+- ``trainer.global_step`` (so ``--trainer.max_steps`` and ``ModelCheckpoint(every_n_train_steps=...)``) counts PPO
+  iterations, not optimizer steps: only the last optimizer step of an iteration goes through Lightning's step counter.
+- The LR scheduler steps once per PPO iteration.
+- ``objective/kl`` is the per-sequence KL (sum over the response's tokens, mean over sequences), the quantity the
+  adaptive controller targets (Ziegler et al. 2019).
+- Every logged metric is a global value over all processes (one summed all-reduce of (sum, count) pairs), not a mean
+  of per-rank means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lightning_rlhf import functional as F
+from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
+from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
+from lightning_rlhf.rewards import Reward, call_reward, validate_scores
+from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout
+from lightning_rlhf.types import Rollout
+
+ScoreNorm = Literal["none", "batch", "running"]
+SCORE_NORMS: tuple[str, ...] = ("none", "batch", "running")
+SCORE_NORM_EPS = 1e-8
+"""Added to the score standard deviation before dividing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO and RLHF hyperparameters. Defaults follow TRL / cleanrl unless a comment says otherwise."""
+
+    clip_coef: float = 0.2
+    """Policy ratio clip epsilon (PPO paper, TRL `cliprange`)."""
+    dual_clip_coef: float | None = None
+    """Dual-clip c > 1 for negative advantages (Ye et al. 2020); None disables it."""
+    value_clip_coef: float | None = 0.2
+    """Clip of the value prediction around the rollout value (TRL `cliprange_value`); None = unclipped value loss."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss (TRL default 0.1)."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus (0 = off, as in TRL, verl, OpenRLHF)."""
+    kl_coef: float = 0.05
+    """Initial beta of the per-token KL penalty in the reward (TRL default 0.05)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward: k1 (unbiased), k2 (>= 0, biased) or k3 (unbiased, >= 0)."""
+    target_kl: float | None = None
+    """Target per-sequence KL (nats) of the adaptive controller; None keeps ``kl_coef`` fixed."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller in samples (Ziegler et al. 2019 use 10000)."""
+    gamma: float = 1.0
+    """Discount factor over response tokens."""
+    gae_lambda: float = 0.95
+    """GAE lambda (TRL / DeepSpeed-Chat default)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the rollout's real tokens (zero mean, unit variance)."""
+    score_norm: Literal["none", "batch", "running"] = "none"
+    """Score normalization: none, batch (standardize per rollout) or running (standardize with running moments)."""
+    score_clip: float | None = None
+    """Clip normalized scores to [-score_clip, score_clip]; None = no clip."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that hit ``max_new_tokens`` without a stop token (TRL)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    num_minibatches: int = 1
+    """Optimizer steps per PPO epoch; must divide the per-device rollout batch size."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward (gradient accumulation within a minibatch); None = the whole minibatch."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value before each optimizer step; None = no clipping."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """How per-token losses become one number: token-mean (all real tokens) or seq-mean-token-mean."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, fix: str) -> None:
+            if not ok:
+                raise ValueError(f"ppo.{field}={getattr(self, field)!r} is invalid: {fix}.")
+
+        need(self.kl_estimator in F.KL_ESTIMATORS, "kl_estimator", f"choose one of {F.KL_ESTIMATORS}")
+        need(self.aggregation in F.AGGREGATIONS, "aggregation", f"choose one of {F.AGGREGATIONS}")
+        need(self.score_norm in SCORE_NORMS, "score_norm", f"choose one of {SCORE_NORMS}")
+        need(self.clip_coef > 0, "clip_coef", "use a positive clip range such as 0.2")
+        need(
+            self.dual_clip_coef is None or self.dual_clip_coef > 1,
+            "dual_clip_coef",
+            "use a value > 1 (e.g. 3.0) or null",
+        )
+        need(self.value_clip_coef is None or self.value_clip_coef > 0, "value_clip_coef", "use a value > 0 or null")
+        need(self.vf_coef >= 0, "vf_coef", "use a value >= 0")
+        need(self.kl_coef >= 0, "kl_coef", "use a value >= 0")
+        need(self.target_kl is None or self.target_kl > 0, "target_kl", "use a positive KL in nats, or null for fixed")
+        need(self.kl_horizon > 0, "kl_horizon", "use a positive number of samples")
+        need(0 <= self.gamma <= 1, "gamma", "use a discount in [0, 1]")
+        need(0 <= self.gae_lambda <= 1, "gae_lambda", "use a lambda in [0, 1]")
+        need(self.score_clip is None or self.score_clip > 0, "score_clip", "use a value > 0 or null")
+        need(self.ppo_epochs >= 1, "ppo_epochs", "use at least 1")
+        need(self.num_minibatches >= 1, "num_minibatches", "use at least 1")
+        need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "use >= 1 or null")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a value > 0 or null")
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW with lr 1e-5 and eps 1e-5 (cleanrl / TRL PPO), used when the recipe names no optimizer."""
+    return torch.optim.AdamW(params, lr=1.0e-5, eps=1.0e-5)
+
+
+class _GlobalStats:
+    """Accumulates (sum, count) pairs and reduces them across processes in one collective."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list[Tensor]] = {}
+
+    def add(self, name: str, total: Tensor | float, count: Tensor | float = 1.0) -> None:
+        entry = self._sums.setdefault(
+            name, [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+        )
+        entry[0] = entry[0] + torch.as_tensor(total, dtype=torch.float64).detach().cpu()
+        entry[1] = entry[1] + torch.as_tensor(count, dtype=torch.float64).detach().cpu()
+
+    def add_mean(self, name: str, value: Tensor) -> None:
+        """Add one observation whose weight is 1 (e.g. a minibatch statistic)."""
+        self.add(name, value, 1.0)
+
+    def reduce(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
+        names = list(self._sums)
+        if not names:
+            return {}
+        packed = torch.stack([torch.stack(self._sums[n]) for n in names]).to(device)
+        packed = reduce_sum(packed).cpu()
+        return {n: float(packed[i, 0] / packed[i, 1]) if packed[i, 1] > 0 else math.nan for i, n in enumerate(names)}
+
+
+class PPOModule(LightningModule):
+    """PPO for RLHF with a LoRA policy, an adapter-disabled reference and a value head on the shared backbone.
+
+    Customize the reward by passing any :class:`~lightning_rlhf.rewards.Reward` (YAML ``class_path``) or a function
+    ``f(prompts, responses) -> Tensor``, or by subclassing this module and overriding :meth:`reward`.
+
+    Args:
+        policy: which causal LM to train (hub id, local path, or a tiny random config) and its tokenizer.
+        lora: the LoRA adapter; ``lora.enabled: false`` trains every weight against a frozen reference copy.
+        generation: sampling settings of the rollout.
+        ppo: PPO / RLHF hyperparameters.
+        reward: the sequence-level reward; None means a subclass overrides :meth:`reward`.
+        optimizer: builds the optimizer from the trainable parameters (LightningCLI ``OptimizerCallable``).
+        lr_scheduler: builds an LR scheduler from the optimizer; it steps once per PPO iteration.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig | None = None,
+        lora: LoraConfig | None = None,
+        generation: GenerationConfig | None = None,
+        ppo: PPOConfig | None = None,
+        reward: Reward | Callable[[list[str], list[str]], Tensor] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.policy_config = policy or PolicyConfig()
+        self.lora_config = lora or LoraConfig()
+        self.generation = generation or GenerationConfig()
+        self.ppo = ppo or PPOConfig()
+        self.reward_fn = reward
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.tokenizer = load_tokenizer(self.policy_config)
+        self.model: PolicyValueModel | None = None
+        self.kl_ctl: FixedKLController | AdaptiveKLController = (
+            FixedKLController(self.ppo.kl_coef)
+            if self.ppo.target_kl is None
+            else AdaptiveKLController(self.ppo.kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
+        )
+        self.score_moments = RunningMoments()
+        self.shuffle_generator = torch.Generator()
+        # Checkpoints hold only trained weights; the frozen base is rebuilt in configure_model.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------------------------------------ Lightning hooks
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build_policy(self.policy_config, self.lora_config, self.tokenizer)
+
+    def configure_optimizers(self) -> Any:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("No trainable parameters: enable LoRA (lora.enabled) or full fine-tuning.")
+        optimizer = self.optimizer_factory(trainable)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def setup(self, stage: str) -> None:
+        # Seeded before a checkpoint restore (which then overwrites it); distinct per rank.
+        self.shuffle_generator.manual_seed(torch.initial_seed() % 2**62 + self.global_rank)
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.reward_fn, Reward):
+            self.reward_fn.setup(self.device)
+
+    # ---------------------------------------------------------------------------------------------------- the reward
+    def reward(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        *,
+        prompt_ids: Tensor | None = None,
+        response_ids: Tensor | None = None,
+        response_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Sequence-level scores, (B,). Override in a subclass to supply a custom reward.
+
+        The default calls the configured ``reward`` (a :class:`Reward` gets the token tensors too) and wraps anything
+        it raises in a ``RuntimeError`` that names it.
+        """
+        if self.reward_fn is None:
+            raise NotImplementedError(
+                "PPOModule has no reward: set `model.reward` (e.g. class_path: "
+                "lightning_rlhf.rewards.CharFractionReward) or subclass PPOModule and override `reward(...)`."
+            )
+        return call_reward(
+            self.reward_fn,
+            prompts,
+            responses,
+            prompt_ids=prompt_ids,
+            response_ids=response_ids,
+            response_mask=response_mask,
+        )
+
+    # ------------------------------------------------------------------------------------------------ training step
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        started = time.perf_counter()
+        self._check_batch(batch)
+        stats = _GlobalStats()
+        # 1. rollout (no grad): sample responses; old and reference logprobs; values         -> rollout.py
+        rollout = self._rollout(batch)
+        # 2. score: reward on (prompt, response), then normalize / clip / missing-EOS penalty -> rewards.py
+        rollout = self._score(batch["prompts"], rollout, stats)
+        # 3. shape: per-token reward = score at last token - kl_coef * KL                   -> functional.token_rewards
+        rollout = self._shape_rewards(rollout, stats)
+        # 4. advantages: GAE, then masked whitening                                         -> functional.gae
+        rollout = self._advantages(rollout, stats)
+        rollout_seconds = time.perf_counter() - started
+        # 5. optimise: ppo_epochs x shuffled minibatches; manual_backward; clip; step        -> self._ppo_update
+        self._ppo_update(rollout, stats)
+        # 6. log: global metrics under group/name keys; update the KL controller
+        self._log_and_control(rollout, stats, rollout_seconds, time.perf_counter() - started)
+
+    def _check_batch(self, batch: dict[str, Any]) -> None:
+        size = int(batch["prompt_ids"].shape[0])
+        if size == 0:
+            raise ValueError("Received an empty prompt batch; check the data source and data.batch_size.")
+        if size % self.ppo.num_minibatches:
+            raise ValueError(
+                f"ppo.num_minibatches={self.ppo.num_minibatches} must divide the per-device batch size {size}; "
+                f"change ppo.num_minibatches or data.batch_size."
+            )
+        minibatch = size // self.ppo.num_minibatches
+        micro = self.ppo.micro_batch_size
+        if micro is not None and minibatch % micro:
+            raise ValueError(
+                f"ppo.micro_batch_size={micro} must divide the minibatch size {minibatch} "
+                f"(= batch {size} / ppo.num_minibatches {self.ppo.num_minibatches})."
+            )
+
+    def _rollout(self, batch: dict[str, Any]) -> Rollout:
+        assert self.model is not None
+        return generate_rollout(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.generation,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            micro_batch_size=self.ppo.micro_batch_size,
+        )
+
+    def decode_responses(self, rollout: Rollout) -> list[str]:
+        """Response texts without the stop token and padding."""
+        rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def _score(self, prompts: list[str], rollout: Rollout, stats: _GlobalStats) -> Rollout:
+        responses = self.decode_responses(rollout)
+        raw = self.reward(
+            prompts,
+            responses,
+            prompt_ids=rollout.prompt_ids,
+            response_ids=rollout.response_ids,
+            response_mask=rollout.response_mask,
+        )
+        raw = validate_scores(raw, len(rollout), f"{type(self).__name__}.reward").to(self.device)
+        scores = self.process_scores(raw, rollout.ended)
+        lengths = rollout.response_mask.sum(-1).float()
+        stats.add("rollout/score", raw.sum(), raw.numel())
+        stats.add("rollout/_score_sq", raw.double().square().sum(), raw.numel())
+        stats.add("rollout/response_len", lengths.sum(), lengths.numel())
+        stats.add("rollout/eos_frac", rollout.ended.float().sum(), lengths.numel())
+        return dataclasses.replace(rollout, scores=scores)
+
+    def process_scores(self, raw: Tensor, ended: Tensor) -> Tensor:
+        """Raw scores (B,) -> the scores PPO optimizes: normalize, clip, then the missing-EOS penalty.
+
+        The penalty comes last so it is in the units of the normalized score whatever the reward's scale.
+        """
+        scores = self._normalize_scores(raw)
+        if self.ppo.score_clip is not None:
+            scores = scores.clamp(-self.ppo.score_clip, self.ppo.score_clip)
+        if self.ppo.missing_eos_penalty is not None:
+            scores = torch.where(ended, scores, scores - self.ppo.missing_eos_penalty)
+        return scores
+
+    def _normalize_scores(self, raw: Tensor) -> Tensor:
+        if self.ppo.score_norm == "none":
+            return raw
+        moments = RunningMoments() if self.ppo.score_norm == "batch" else self.score_moments
+        moments.update_from_sums(self._all_reduce_sum(RunningMoments.sums(raw)))
+        return (raw - moments.mean) / (moments.std + SCORE_NORM_EPS)
+
+    def _shape_rewards(self, rollout: Rollout, stats: _GlobalStats) -> Rollout:
+        kl = F.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.ppo.kl_estimator)
+        kl = torch.where(rollout.response_mask, kl, 0.0)
+        rewards = F.token_rewards(rollout.scores, kl, rollout.response_mask, self.kl_ctl.value)
+        seq_kl = kl.sum(-1)
+        stats.add("objective/kl", seq_kl.sum(), seq_kl.numel())
+        stats.add("objective/rlhf_reward", (rollout.scores - self.kl_ctl.value * seq_kl).sum(), seq_kl.numel())
+        return dataclasses.replace(rollout, kl=kl, rewards=rewards)
+
+    def _advantages(self, rollout: Rollout, stats: _GlobalStats) -> Rollout:
+        advantages, returns = F.gae(
+            rollout.rewards, rollout.old_values, rollout.response_mask, self.ppo.gamma, self.ppo.gae_lambda
+        )
+        if self.ppo.whiten_advantages:
+            advantages = F.masked_whiten(advantages, rollout.response_mask)
+        # Explained variance of the rollout critic, from global sums: 1 - Var(R - V) / Var(R) over real tokens.
+        mask, n_tokens = rollout.response_mask, rollout.response_mask.sum()
+        residual = returns - rollout.old_values
+        stats.add("value/returns", F.masked_sum(returns, mask), n_tokens)
+        stats.add("value/_returns_sq", F.masked_sum(returns.double().square(), mask), n_tokens)
+        stats.add("value/_residual", F.masked_sum(residual.double(), mask), n_tokens)
+        stats.add("value/_residual_sq", F.masked_sum(residual.double().square(), mask), n_tokens)
+        return dataclasses.replace(rollout, advantages=advantages, returns=returns)
+
+    # ---------------------------------------------------------------------------------------------- the PPO update
+    def _ppo_update(self, rollout: Rollout, stats: _GlobalStats) -> None:
+        optimizer = self.optimizers()
+        steps = self.ppo.ppo_epochs * self.ppo.num_minibatches
+        step = 0
+        for _ in range(self.ppo.ppo_epochs):
+            for minibatch in rollout.minibatches(self.ppo.num_minibatches, self.shuffle_generator):
+                self._accumulate_gradients(minibatch, stats)
+                grad_norm = self._grad_norm()
+                stats.add_mean("policy/grad_norm", grad_norm)
+                if self.ppo.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, self.ppo.max_grad_norm, "norm")
+                step += 1
+                self._optimizer_step(optimizer, counts_as_global_step=step == steps)
+                optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _accumulate_gradients(self, minibatch: Rollout, stats: _GlobalStats) -> None:
+        micro = self.ppo.micro_batch_size or len(minibatch)
+        tokens = minibatch.response_mask.sum().clamp(min=1)
+        for start in range(0, len(minibatch), micro):
+            part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
+            # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
+            # the gradient of the minibatch loss under either aggregation.
+            if self.ppo.aggregation == "token-mean":
+                weight = part.response_mask.sum() / tokens
+            else:
+                weight = torch.tensor(len(part) / len(minibatch), device=self.device)
+            loss = self._loss(part, stats)
+            self.manual_backward(loss * weight)
+
+    def _loss(self, part: Rollout, stats: _GlobalStats) -> Tensor:
+        assert self.model is not None
+        out = forward_response(
+            self.model,
+            part.prompt_ids,
+            part.prompt_mask,
+            part.response_ids,
+            part.response_mask,
+            self.generation.temperature,
+            mode="policy",
+        )
+        pg_loss, pg_stats = F.policy_loss(
+            out.logprobs,
+            part.old_logprobs,
+            part.advantages,
+            part.response_mask,
+            self.ppo.clip_coef,
+            self.ppo.dual_clip_coef,
+            self.ppo.aggregation,
+        )
+        vf_loss, vf_stats = F.value_loss(
+            out.values,
+            part.old_values,
+            part.returns,
+            part.response_mask,
+            self.ppo.value_clip_coef,
+            self.ppo.aggregation,
+        )
+        entropy = F.aggregate(
+            F.entropy_from_logits(out.logits, self.generation.temperature), part.response_mask, self.ppo.aggregation
+        )
+        loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.ent_coef * entropy
+        n = part.response_mask.sum()
+        stats.add("loss/policy", pg_loss.detach() * n, n)
+        stats.add("loss/value", vf_loss.detach() * n, n)
+        stats.add("loss/total", loss.detach() * n, n)
+        stats.add("policy/entropy", entropy.detach() * n, n)
+        stats.add("policy/approx_kl", pg_stats.approx_kl * n, n)
+        stats.add("policy/clipfrac", pg_stats.clipfrac * n, n)
+        stats.add("policy/ratio_mean", pg_stats.ratio_mean * n, n)
+        stats.add("value/clipfrac", vf_stats.clipfrac * n, n)
+        return loss
+
+    def _grad_norm(self) -> Tensor:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def _optimizer_step(self, optimizer: Any, counts_as_global_step: bool) -> None:
+        """Step the optimizer; only an iteration's last step advances ``trainer.global_step`` (one per iteration)."""
+        if counts_as_global_step:
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
+
+    # --------------------------------------------------------------------------------------------- logging, control
+    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self._trainer is None:  # used outside fit (tests, notebooks): this process is the whole world
+            return tensor
+        return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum")
+
+    def _log_and_control(self, rollout: Rollout, stats: _GlobalStats, rollout_seconds: float, seconds: float) -> None:
+        stats.add("perf/_gen_tokens", rollout.response_mask.sum(), 1.0)
+        metrics = stats.reduce(self._all_reduce_sum, self.device)
+        score_sq = metrics.pop("rollout/_score_sq")
+        metrics["rollout/score_std"] = math.sqrt(max(score_sq - metrics["rollout/score"] ** 2, 0.0))
+        var_returns = metrics.pop("value/_returns_sq") - metrics["value/returns"] ** 2
+        var_residual = metrics.pop("value/_residual_sq") - metrics.pop("value/_residual") ** 2
+        metrics["value/explained_var"] = 1.0 - var_residual / var_returns if var_returns > 0 else math.nan
+        gen_tokens = metrics.pop("perf/_gen_tokens") * self.trainer.world_size
+        metrics["perf/tokens_per_sec"] = gen_tokens / max(seconds, 1e-9)
+        metrics["perf/rollout_sec"] = rollout_seconds
+        metrics["perf/iteration_sec"] = seconds
+        metrics["objective/kl_coef"] = self.kl_ctl.value
+        self.kl_ctl.update(metrics["objective/kl"], n_steps=len(rollout) * self.trainer.world_size)
+        progress = {"rollout/score", "objective/kl"}
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in progress, on_step=True, on_epoch=False, batch_size=len(rollout))
+
+    # ------------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lightning_rlhf"] = {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lightning_rlhf")
+        if state is None:
+            return
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])

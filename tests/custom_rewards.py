@@ -1,0 +1,16 @@
+"""A user's reward defined outside the package, used from YAML via class_path in test_cli.py."""
+
+import torch
+
+from lightning_rlhf.module import PPOModule
+
+
+class LengthRewardPPO(PPOModule):
+    """Rewards responses whose length is close to ``target_len`` characters."""
+
+    def __init__(self, target_len: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        self.target_len = target_len
+
+    def reward(self, prompts, responses, **tensors):
+        return torch.tensor([max(0.0, 1 - abs(len(r) - self.target_len) / self.target_len) for r in responses])

@@ -1,0 +1,258 @@
+"""PPOModule under a real Trainer on a tiny random Llama: what one PPO iteration changes, counts and logs."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
+from lightning_rlhf.module import PPOConfig, PPOModule
+from lightning_rlhf.rewards import CharFractionReward, Reward
+from lightning_rlhf.rollout import GenerationConfig
+
+TINY = PolicyConfig(
+    tiny=TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+)
+PROMPTS = ["Say: ", "Hello there. ", "abc", "Write something nice: ", "Tell me ", "Once upon a time", "Yes", "No way "]
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def make_module(**overrides) -> PPOModule:
+    kwargs = {
+        "policy": TINY,
+        "lora": LoraConfig(r=4, alpha=8),
+        "generation": GenerationConfig(max_new_tokens=6),
+        "ppo": PPOConfig(ppo_epochs=2, num_minibatches=2),
+        "reward": CharFractionReward(),
+        "optimizer": sgd,
+    }
+    kwargs.update(overrides)
+    return PPOModule(**kwargs)
+
+
+def fit(module: PPOModule, steps: int = 1, batch_size: int = 4, prompts=None) -> Trainer:
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = PromptDataModule(prompts=prompts or PROMPTS, batch_size=batch_size, shuffle=False)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def snapshot(module: PPOModule) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    seed_everything(0, verbose=False)
+
+
+def test_one_step_moves_only_trainable_weights():
+    module = make_module()
+    module.configure_model()
+    before = snapshot(module)
+    fit(module)
+    after = snapshot(module)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable)
+    assert any("value_head" in n for n in trainable)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {n for n in changed if "value_head" in n}, "value head did not move"
+    assert {n for n in changed if "lora_B" in n}, "LoRA B did not move"
+    assert changed <= trainable, f"frozen weights moved: {sorted(changed - trainable)[:3]}"
+    assert all(torch.isfinite(p).all() for p in after.values())
+
+
+def test_global_step_counts_ppo_iterations_and_metrics_are_logged():
+    module = make_module()
+    trainer = fit(module, steps=2)
+    assert trainer.global_step == 2
+    metrics = trainer.logged_metrics
+    expected = {
+        "rollout/score",
+        "rollout/score_std",
+        "rollout/response_len",
+        "rollout/eos_frac",
+        "objective/kl",
+        "objective/kl_coef",
+        "objective/rlhf_reward",
+        "policy/approx_kl",
+        "policy/clipfrac",
+        "policy/entropy",
+        "policy/grad_norm",
+        "value/clipfrac",
+        "value/explained_var",
+        "loss/policy",
+        "loss/value",
+        "perf/tokens_per_sec",
+    }
+    assert expected <= set(metrics), sorted(expected - set(metrics))
+    assert 0.0 <= float(metrics["rollout/score"]) <= 1.0
+    assert 1.0 <= float(metrics["rollout/response_len"]) <= 6.0
+    assert all(math.isfinite(float(metrics[k])) for k in expected)
+
+
+def test_optimizer_steps_per_iteration():
+    module = make_module(
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), ppo=PPOConfig(ppo_epochs=3, num_minibatches=2)
+    )
+    trainer = fit(module, steps=2)
+    adam_steps = {float(s["step"]) for s in trainer.optimizers[0].state.values()}
+    assert adam_steps == {2 * 3 * 2.0}
+    assert trainer.global_step == 2
+
+
+def test_micro_batches_accumulate_to_the_minibatch_gradient():
+    def run(micro):
+        seed_everything(0, verbose=False)
+        module = make_module(
+            generation=GenerationConfig(max_new_tokens=5, do_sample=False),
+            ppo=PPOConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=micro),
+        )
+        fit(module, batch_size=4)
+        return snapshot(module)
+
+    whole, split = run(None), run(2)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], msg=name)
+
+
+def test_full_finetuning_keeps_reference_frozen():
+    module = make_module(lora=LoraConfig(enabled=False))
+    module.configure_model()
+    ref_before = {n: p.detach().clone() for n, p in module.model.ref_lm.named_parameters()}
+    lm_before = {n: p.detach().clone() for n, p in module.model.lm.named_parameters()}
+    fit(module)
+    assert all(torch.equal(p, ref_before[n]) for n, p in module.model.ref_lm.named_parameters())
+    assert any(not torch.equal(p, lm_before[n]) for n, p in module.model.lm.named_parameters())
+
+
+class ConstantReward(Reward):
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, prompts, responses, **tensors):
+        return self.value(len(responses))
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (lambda n: torch.zeros(n + 1), "shape"),
+        (lambda n: torch.full((n,), float("nan")), "NaN|nan|finite"),
+        (lambda n: torch.zeros(n, dtype=torch.long), "dtype|float"),
+    ],
+)
+def test_bad_reward_fails_before_weights_move(value, match):
+    module = make_module(reward=ConstantReward(value))
+    module.configure_model()
+    before = snapshot(module)
+    with pytest.raises(ValueError, match=match):
+        fit(module)
+    after = snapshot(module)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_reward_that_raises_is_named():
+    class Broken(Reward):
+        def __call__(self, prompts, responses, **tensors):
+            raise KeyError("oops")
+
+    with pytest.raises(RuntimeError, match="Broken"):
+        fit(make_module(reward=Broken()))
+
+
+def test_missing_reward_says_how_to_fix():
+    with pytest.raises(NotImplementedError, match=r"model\.reward"):
+        fit(make_module(reward=None))
+
+
+def test_num_minibatches_must_divide_batch():
+    with pytest.raises(ValueError, match="num_minibatches"):
+        fit(make_module(ppo=PPOConfig(num_minibatches=3)), batch_size=4)
+
+
+def test_micro_batch_size_must_divide_minibatch():
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        fit(make_module(ppo=PPOConfig(num_minibatches=1, micro_batch_size=3)), batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("kl_estimator", "k4"), ("aggregation", "sum"), ("score_norm", "zscore"), ("ppo_epochs", 0), ("clip_coef", -0.1)],
+)
+def test_bad_ppo_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ppo\.{field}"):
+        PPOConfig(**{field: value})
+
+
+def test_subclass_reward_override():
+    class LengthPPO(PPOModule):
+        def reward(self, prompts, responses, **tensors):
+            return torch.tensor([len(r) / 10 for r in responses])
+
+    module = LengthPPO(policy=TINY, lora=LoraConfig(r=4), generation=GenerationConfig(max_new_tokens=4), optimizer=sgd)
+    trainer = fit(module)
+    assert 0.0 <= float(trainer.logged_metrics["rollout/score"]) <= 0.4
+
+
+def test_function_reward():
+    def first_is_a(prompts, responses):
+        return torch.tensor([float(r.startswith("a")) for r in responses])
+
+    trainer = fit(make_module(reward=first_is_a))
+    assert float(trainer.logged_metrics["rollout/score"]) in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_adaptive_kl_controller_moves_beta():
+    module = make_module(
+        ppo=PPOConfig(kl_coef=0.1, kl_estimator="k3", target_kl=1e-6, kl_horizon=10, ppo_epochs=1, num_minibatches=1)
+    )
+    trainer = fit(module, steps=2)
+    # Iteration 1: the fresh adapter equals the reference, KL = 0 < target -> error clipped to -0.2,
+    # beta = 0.1 * (1 - 0.2 * 4 / 10) = 0.092. Iteration 2: the policy has moved, k3 KL > 1e-6 -> error +0.2,
+    # beta = 0.092 * (1 + 0.2 * 4 / 10) = 0.09936.
+    torch.testing.assert_close(module.kl_ctl.value, 0.1 * 0.92 * 1.08)
+    torch.testing.assert_close(float(trainer.logged_metrics["objective/kl_coef"]), 0.092)
+
+
+def test_process_scores_penalizes_only_responses_without_eos():
+    module = make_module(ppo=PPOConfig(missing_eos_penalty=1.0))
+    scores = module.process_scores(torch.tensor([0.5, 0.5]), ended=torch.tensor([True, False]))
+    # The response that ended with EOS keeps 0.5; the truncated one pays the penalty: 0.5 - 1.0 = -0.5.
+    torch.testing.assert_close(scores, torch.tensor([0.5, -0.5]))
+
+
+def test_process_scores_batch_normalization_then_clip():
+    module = make_module(ppo=PPOConfig(score_norm="batch", score_clip=1.0))
+    # [0, 2, 4]: mean 2, unbiased std 2 -> [-1, 0, 1]; clip 1.0 leaves them.
+    torch.testing.assert_close(
+        module.process_scores(torch.tensor([0.0, 2.0, 4.0]), torch.ones(3, dtype=torch.bool)),
+        torch.tensor([-1.0, 0.0, 1.0]),
+    )
+    clipped = make_module(ppo=PPOConfig(score_norm="batch", score_clip=0.5))
+    torch.testing.assert_close(
+        clipped.process_scores(torch.tensor([0.0, 2.0, 4.0]), torch.ones(3, dtype=torch.bool)),
+        torch.tensor([-0.5, 0.0, 0.5]),
+    )
+
+
+def test_process_scores_running_normalization_uses_all_batches():
+    module = make_module(ppo=PPOConfig(score_norm="running"))
+    ended = torch.ones(2, dtype=torch.bool)
+    module.process_scores(torch.tensor([0.0, 2.0]), ended)
+    # After [0, 2] and [4, 6]: running mean 3, unbiased std of [0, 2, 4, 6] = sqrt(20 / 3).
+    out = module.process_scores(torch.tensor([4.0, 6.0]), ended)
+    torch.testing.assert_close(out, (torch.tensor([4.0, 6.0]) - 3.0) / math.sqrt(20 / 3))
