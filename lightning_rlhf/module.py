@@ -167,7 +167,7 @@ class PPOModule(LightningModule):
         lora: LoraConfig | None = None,
         generation: GenerationConfig | None = None,
         ppo: PPOConfig | None = None,
-        reward: Reward | Callable[[list[str], list[str]], Tensor] | None = None,
+        reward: Reward | Callable[[list[str], list[str]], Any] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:

@@ -14,3 +14,8 @@ class LengthRewardPPO(PPOModule):
 
     def reward(self, prompts, responses, **tensors):
         return torch.tensor([max(0.0, 1 - abs(len(r) - self.target_len) / self.target_len) for r in responses])
+
+
+def vowel_share(prompts, responses):
+    """A plain function reward: share of vowels in each response."""
+    return torch.tensor([sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses])

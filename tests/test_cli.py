@@ -70,3 +70,12 @@ def test_custom_reward_subclass_from_class_path(tmp_path, monkeypatch):
     rows = list(csv.DictReader(next((tmp_path / "runs").rglob("metrics.csv")).open()))
     # Responses have at most 4 bytes, so the length reward (target 3) is in [0, 1] and the reward ran.
     assert all(0.0 <= float(r["rollout/score"]) <= 1.0 for r in rows if r.get("rollout/score"))
+
+
+def test_function_reward_from_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "function.yaml"
+    path.write_text(yaml.safe_dump({"model": {"init_args": {"reward": "custom_rewards.vowel_share"}}}))
+    main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(path), *TINY_OVERRIDES])
+    saved = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
+    assert saved["model"]["init_args"]["reward"] == "custom_rewards.vowel_share"
