@@ -64,6 +64,9 @@ class TinyModelConfig:
     """Number of key/value heads (grouped-query attention); None means one per query head."""
     max_position_embeddings: int = 512
     """Longest prompt + response the rotary embedding is set up for."""
+    seed: int = 0
+    """Seed of the random weights. The same config always builds the same base model, so a checkpoint (which holds
+    only the trained weights) is restored onto the base it was trained on."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,9 @@ def _tiny_llama(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase, dtype: to
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _pretrained(cfg: PolicyConfig, dtype: torch.dtype) -> nn.Module:

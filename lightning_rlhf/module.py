@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -119,6 +120,23 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1.0e-5, eps=1.0e-5)
 
 
+def _as_config(cls: type, value: Any) -> Any:
+    """``value`` as an instance of the config dataclass ``cls``: None gives the defaults, a dict (as stored in a
+    checkpoint's hyperparameters) is converted field by field, nested dataclasses included."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"expected {cls.__name__}, a dict of its fields, or None; got {type(value).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for name, item in value.items():
+        hint = hints.get(name)
+        fields[name] = _as_config(hint, item) if dataclasses.is_dataclass(hint) and isinstance(item, dict) else item
+    return cls(**fields)
+
+
 class _GlobalStats:
     """Accumulates (sum, count) pairs and reduces them across processes in one collective."""
 
@@ -172,12 +190,20 @@ class PPOModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.policy_config = _as_config(PolicyConfig, policy)
+        self.lora_config = _as_config(LoraConfig, lora)
+        self.generation = _as_config(GenerationConfig, generation)
+        self.ppo = _as_config(PPOConfig, ppo)
+        # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True); __init__ accepts them back.
+        self.save_hyperparameters(
+            {
+                "policy": dataclasses.asdict(self.policy_config),
+                "lora": dataclasses.asdict(self.lora_config),
+                "generation": dataclasses.asdict(self.generation),
+                "ppo": dataclasses.asdict(self.ppo),
+            }
+        )
         self.automatic_optimization = False
-        self.policy_config = policy or PolicyConfig()
-        self.lora_config = lora or LoraConfig()
-        self.generation = generation or GenerationConfig()
-        self.ppo = ppo or PPOConfig()
         self.reward_fn = reward
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

@@ -255,3 +255,15 @@ def test_policy_pickles_after_forward_and_generate(tokenizer, batch):
 def test_unknown_mode_is_refused(tokenizer, batch):
     with pytest.raises(ValueError, match="Unknown mode"):
         build(tokenizer)(*batch, mode="value")
+
+
+def test_tiny_base_is_a_function_of_its_config():
+    tokenizer = load_tokenizer(PolicyConfig())
+    torch.manual_seed(1)
+    first = build_policy(PolicyConfig(), LoraConfig(enabled=False), tokenizer)
+    torch.manual_seed(2)  # the global RNG state must not matter
+    second = build_policy(PolicyConfig(), LoraConfig(enabled=False), tokenizer)
+    other = build_policy(PolicyConfig(tiny=TinyModelConfig(seed=1)), LoraConfig(enabled=False), tokenizer)
+    for (name, a), b, c in zip(first.lm.named_parameters(), second.lm.parameters(), other.lm.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert not torch.equal(a, c) or a.std() == 0, name

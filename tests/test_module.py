@@ -256,3 +256,68 @@ def test_process_scores_running_normalization_uses_all_batches():
     # After [0, 2] and [4, 6]: running mean 3, unbiased std of [0, 2, 4, 6] = sqrt(20 / 3).
     out = module.process_scores(torch.tensor([4.0, 6.0]), ended)
     torch.testing.assert_close(out, (torch.tensor([4.0, 6.0]) - 3.0) / math.sqrt(20 / 3))
+
+
+def test_empty_prompt_batch_is_refused():
+    module = make_module()
+    empty = {"prompt_ids": torch.zeros(0, 3, dtype=torch.long), "prompt_mask": torch.zeros(0, 3, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="empty prompt batch"):
+        module.training_step({**empty, "prompts": []}, 0)
+
+
+def test_lr_scheduler_steps_once_per_iteration():
+    module = make_module(lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    trainer = fit(module, steps=3)
+    # 3 iterations x 4 optimizer steps each, but the scheduler steps per iteration: 0.5 * 0.5^3.
+    torch.testing.assert_close(trainer.optimizers[0].param_groups[0]["lr"], 0.5 * 0.5**3)
+
+
+def test_reward_model_is_frozen_and_outside_the_module(tmp_path):
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from lightning_rlhf.rewards import RewardModelScorer
+
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    scorer = RewardModelScorer(str(tmp_path))
+    module = make_module(reward=scorer)
+    trainer = fit(module)
+    assert scorer.model is not None
+    reloaded = LlamaForSequenceClassification.from_pretrained(tmp_path)
+    for (name, p), q in zip(scorer.model.named_parameters(), reloaded.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        assert not p.requires_grad
+    assert not any(p is q for p in module.parameters() for q in scorer.model.parameters())
+    assert math.isfinite(float(trainer.logged_metrics["rollout/score"]))
+
+
+def test_checkpoint_holds_trained_weights_and_run_state(tmp_path):
+    module = make_module(ppo=PPOConfig(kl_coef=0.1, target_kl=1e-6, kl_horizon=10, ppo_epochs=1, num_minibatches=1))
+    trainer = fit(module, steps=2)
+    path = tmp_path / "ppo.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert set(checkpoint["state_dict"]) == trainable
+    assert checkpoint["lightning_rlhf"]["kl_ctl"]["value"] == module.kl_ctl.value
+
+    # The stored hyperparameters rebuild the same configuration.
+    fresh = PPOModule(**checkpoint["hyper_parameters"], reward=CharFractionReward(), optimizer=sgd)
+    assert fresh.ppo == module.ppo
+    assert fresh.policy_config == module.policy_config
+    fresh.configure_model()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert fresh.kl_ctl.value == module.kl_ctl.value
+    for name, p in fresh.named_parameters():
+        torch.testing.assert_close(p, dict(module.named_parameters())[name], msg=name)
