@@ -1,7 +1,8 @@
 """The ``lightning-rlhf`` command: a LightningCLI over :class:`PPOModule` and :class:`PromptDataModule`.
 
-``lightning-rlhf fit --config recipe.yaml`` trains; ``--print_config`` shows every field with its value; any subclass
-of the module (a custom reward) or of the data module can be chosen with ``class_path``. Metrics go to a CSV file in
+``lightning-rlhf fit --config recipe.yaml`` trains; ``--print_config`` shows every field with its value. The model and
+data are chosen by ``class_path``: ``PPOModule`` and ``PromptDataModule`` by default, a subclass (a custom reward), or
+another stage's module. Metrics go to a CSV file in
 the run directory (``runs/<name>/version_N/metrics.csv``) next to the resolved ``config.yaml``.
 """
 
@@ -9,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
-
-from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.module import PPOModule
 
 DEFAULT_RUN_DIR = "runs"
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI with the package's defaults: PPOModule, PromptDataModule, CSV metrics in ``runs/``."""
+    """LightningCLI over any LightningModule / LightningDataModule (``class_path``), defaulting to PPOModule and
+    PromptDataModule, with CSV metrics in ``runs/``."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults(
@@ -32,8 +32,8 @@ class RLHFCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-rlhf`` console script (``args`` replaces ``sys.argv[1:]`` in tests)."""
     RLHFCLI(
-        PPOModule,
-        PromptDataModule,
+        LightningModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
