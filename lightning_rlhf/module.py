@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_rlhf import functional as F
@@ -84,6 +85,14 @@ class PPOConfig:
     """Rows per forward/backward (gradient accumulation within a minibatch); None = the whole minibatch."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value before each optimizer step; None = no clipping."""
+    early_stop_kl: float | None = None
+    """Stop a rollout's remaining PPO updates once a minibatch's approx KL (k3, nats per token, global mean) exceeds
+    this (cleanrl ``target_kl``, TRL <= 0.11 ``early_stopping``); None = off."""
+    ratio_threshold: float | None = None
+    """Skip a minibatch's optimizer step when its mean ratio pi / pi_old exceeds this (TRL <= 0.11: 10); None = off."""
+    max_consecutive_skips: int = 10
+    """Skipped updates (non-finite loss or gradient, ratio threshold) in a row before training stops with an
+    error."""
     aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     """How per-token losses become one number: token-mean (all real tokens) or seq-mean-token-mean."""
 
@@ -113,6 +122,9 @@ class PPOConfig:
         need(self.num_minibatches >= 1, "num_minibatches", "use at least 1")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "use >= 1 or null")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a value > 0 or null")
+        need(self.early_stop_kl is None or self.early_stop_kl > 0, "early_stop_kl", "use a value > 0 or null")
+        need(self.ratio_threshold is None or self.ratio_threshold > 1, "ratio_threshold", "use a value > 1 or null")
+        need(self.max_consecutive_skips >= 0, "max_consecutive_skips", "use a value >= 0")
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -141,25 +153,21 @@ class _GlobalStats:
     """Accumulates (sum, count) pairs and reduces them across processes in one collective."""
 
     def __init__(self) -> None:
-        self._sums: dict[str, list[Tensor]] = {}
+        self._sums: dict[str, list[Tensor | float]] = {}
 
     def add(self, name: str, total: Tensor | float, count: Tensor | float = 1.0) -> None:
-        entry = self._sums.setdefault(
-            name, [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
-        )
-        entry[0] = entry[0] + torch.as_tensor(total, dtype=torch.float64).detach().cpu()
-        entry[1] = entry[1] + torch.as_tensor(count, dtype=torch.float64).detach().cpu()
-
-    def add_mean(self, name: str, value: Tensor) -> None:
-        """Add one observation whose weight is 1 (e.g. a minibatch statistic)."""
-        self.add(name, value, 1.0)
+        """Add ``total`` (a sum over ``count`` observations); tensors stay on their device until :meth:`reduce`."""
+        total = total.detach().double() if isinstance(total, Tensor) else float(total)
+        count = count.detach().double() if isinstance(count, Tensor) else float(count)
+        entry = self._sums.setdefault(name, [0.0, 0.0])
+        entry[0], entry[1] = entry[0] + total, entry[1] + count
 
     def reduce(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
         names = list(self._sums)
         if not names:
             return {}
-        packed = torch.stack([torch.stack(self._sums[n]) for n in names]).to(device)
-        packed = reduce_sum(packed).cpu()
+        as_tensor = [torch.as_tensor(v, dtype=torch.float64, device=device) for n in names for v in self._sums[n]]
+        packed = reduce_sum(torch.stack(as_tensor).view(len(names), 2)).cpu()
         return {n: float(packed[i, 0] / packed[i, 1]) if packed[i, 1] > 0 else math.nan for i, n in enumerate(names)}
 
 
@@ -216,6 +224,9 @@ class PPOModule(LightningModule):
         )
         self.score_moments = RunningMoments()
         self.shuffle_generator = torch.Generator()
+        self._consecutive_skips = 0
+        self._iteration_counted = False
+        self._update_counts: dict[str, float] = {}
         # Checkpoints hold only trained weights; the frozen base is rebuilt in configure_model.
         self.strict_loading = False
 
@@ -387,25 +398,38 @@ class PPOModule(LightningModule):
     # ---------------------------------------------------------------------------------------------- the PPO update
     def _ppo_update(self, rollout: Rollout, stats: _GlobalStats) -> None:
         optimizer = self.optimizers()
-        steps = self.ppo.ppo_epochs * self.ppo.num_minibatches
-        step = 0
-        for _ in range(self.ppo.ppo_epochs):
-            for minibatch in rollout.minibatches(self.ppo.num_minibatches, self.shuffle_generator):
-                self._accumulate_gradients(minibatch, stats)
-                grad_norm = self._grad_norm()
-                stats.add_mean("policy/grad_norm", grad_norm)
-                if self.ppo.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, self.ppo.max_grad_norm, "norm")
-                step += 1
-                self._optimizer_step(optimizer, counts_as_global_step=step == steps)
-                optimizer.zero_grad(set_to_none=True)
+        self._iteration_counted = False
+        applied = skipped = 0
+        stop = False
+        for epoch in range(self.ppo.ppo_epochs):
+            for index, minibatch in enumerate(rollout.minibatches(self.ppo.num_minibatches, self.shuffle_generator)):
+                minibatch_stats = self._accumulate_gradients(minibatch, stats)
+                if self._apply_update(optimizer, minibatch_stats, stats):
+                    applied += 1
+                else:
+                    skipped += 1
+                self._call_rl_hook("on_ppo_minibatch_end", epoch=epoch, index=index, stats=minibatch_stats)
+                # Global values (reduced across processes), so every process stops at the same minibatch.
+                early_stop_kl = self.ppo.early_stop_kl
+                if early_stop_kl is not None and minibatch_stats["policy/approx_kl"] > early_stop_kl:
+                    stop = True
+                    break
+            self._call_rl_hook("on_ppo_epoch_end", epoch=epoch)
+            if stop:
+                break
+        if not self._iteration_counted:  # every update was skipped: count the iteration with an empty step
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+        self._update_counts = {"policy/updates": applied, "policy/skipped_updates": skipped, "policy/early_stop": stop}
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
-    def _accumulate_gradients(self, minibatch: Rollout, stats: _GlobalStats) -> None:
+    def _accumulate_gradients(self, minibatch: Rollout, stats: _GlobalStats) -> dict[str, float]:
+        """Backward over the minibatch in micro-batches; returns its global (all-process) loss statistics."""
         micro = self.ppo.micro_batch_size or len(minibatch)
         tokens = minibatch.response_mask.sum().clamp(min=1)
+        minibatch_stats = _GlobalStats()
         for start in range(0, len(minibatch), micro):
             part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
@@ -414,10 +438,41 @@ class PPOModule(LightningModule):
                 weight = part.response_mask.sum() / tokens
             else:
                 weight = torch.tensor(len(part) / len(minibatch), device=self.device)
-            loss = self._loss(part, stats)
+            loss = self._loss(part, stats, minibatch_stats)
             self.manual_backward(loss * weight)
+        minibatch_stats.add("policy/grad_norm", self._grad_norm())
+        return minibatch_stats.reduce(self._all_reduce_sum, self.device)
 
-    def _loss(self, part: Rollout, stats: _GlobalStats) -> Tensor:
+    def _apply_update(self, optimizer: Any, minibatch_stats: dict[str, float], stats: _GlobalStats) -> bool:
+        """Clip and step, unless the loss or gradient is not finite or the ratio is past ``ratio_threshold``.
+
+        Every input to the decision is a global value, so all processes take the same branch.
+        """
+        grad_norm = minibatch_stats["policy/grad_norm"]
+        reason = None
+        if not (math.isfinite(grad_norm) and math.isfinite(minibatch_stats["loss/total"])):
+            reason = f"non-finite loss ({minibatch_stats['loss/total']}) or gradient norm ({grad_norm})"
+        elif self.ppo.ratio_threshold is not None and minibatch_stats["policy/ratio_mean"] > self.ppo.ratio_threshold:
+            reason = f"mean ratio {minibatch_stats['policy/ratio_mean']:.3g} > ppo.ratio_threshold"
+        if reason is not None:
+            optimizer.zero_grad(set_to_none=True)
+            self._consecutive_skips += 1
+            if self._consecutive_skips > self.ppo.max_consecutive_skips:
+                raise RuntimeError(
+                    f"{self._consecutive_skips} consecutive PPO updates were skipped, the last for {reason}. Lower the "
+                    f"learning rate, check the reward for extreme values, or raise ppo.max_consecutive_skips."
+                )
+            rank_zero_warn(f"Skipping a PPO update: {reason}.", category=RuntimeWarning)
+            return False
+        self._consecutive_skips = 0
+        stats.add("policy/grad_norm", grad_norm)
+        if self.ppo.max_grad_norm is not None:
+            self.clip_gradients(optimizer, self.ppo.max_grad_norm, "norm")
+        self._optimizer_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _loss(self, part: Rollout, stats: _GlobalStats, minibatch_stats: _GlobalStats) -> Tensor:
         assert self.model is not None
         out = forward_response(
             self.model,
@@ -450,14 +505,15 @@ class PPOModule(LightningModule):
         )
         loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.ent_coef * entropy
         n = part.response_mask.sum()
-        stats.add("loss/policy", pg_loss.detach() * n, n)
-        stats.add("loss/value", vf_loss.detach() * n, n)
-        stats.add("loss/total", loss.detach() * n, n)
-        stats.add("policy/entropy", entropy.detach() * n, n)
-        stats.add("policy/approx_kl", pg_stats.approx_kl * n, n)
-        stats.add("policy/clipfrac", pg_stats.clipfrac * n, n)
-        stats.add("policy/ratio_mean", pg_stats.ratio_mean * n, n)
-        stats.add("value/clipfrac", vf_stats.clipfrac * n, n)
+        for record in (stats, minibatch_stats):
+            record.add("loss/policy", pg_loss.detach() * n, n)
+            record.add("loss/value", vf_loss.detach() * n, n)
+            record.add("loss/total", loss.detach() * n, n)
+            record.add("policy/entropy", entropy.detach() * n, n)
+            record.add("policy/approx_kl", pg_stats.approx_kl * n, n)
+            record.add("policy/clipfrac", pg_stats.clipfrac * n, n)
+            record.add("policy/ratio_mean", pg_stats.ratio_mean * n, n)
+            record.add("value/clipfrac", vf_stats.clipfrac * n, n)
         return loss
 
     def _grad_norm(self) -> Tensor:
@@ -466,12 +522,20 @@ class PPOModule(LightningModule):
             return torch.zeros(())
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
-    def _optimizer_step(self, optimizer: Any, counts_as_global_step: bool) -> None:
-        """Step the optimizer; only an iteration's last step advances ``trainer.global_step`` (one per iteration)."""
-        if counts_as_global_step:
-            optimizer.step()
-        else:
+    def _optimizer_step(self, optimizer: Any) -> None:
+        """Step the optimizer; only an iteration's first step advances ``trainer.global_step`` (one per iteration)."""
+        if self._iteration_counted:
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
+        else:
+            optimizer.step()
+            self._iteration_counted = True
+
+    def _call_rl_hook(self, name: str, **kwargs: Any) -> None:
+        """Call ``name(trainer, module, **kwargs)`` on every callback that defines it (the RL-phase hooks)."""
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, name, None)
+            if callable(hook):
+                hook(self.trainer, self, **kwargs)
 
     # --------------------------------------------------------------------------------------------- logging, control
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -492,6 +556,7 @@ class PPOModule(LightningModule):
         metrics["perf/rollout_sec"] = rollout_seconds
         metrics["perf/iteration_sec"] = seconds
         metrics["objective/kl_coef"] = self.kl_ctl.value
+        metrics.update({name: float(value) for name, value in self._update_counts.items()})
         self.kl_ctl.update(metrics["objective/kl"], n_steps=len(rollout) * self.trainer.world_size)
         progress = {"rollout/score", "objective/kl"}
         for name, value in metrics.items():

@@ -321,3 +321,59 @@ def test_checkpoint_holds_trained_weights_and_run_state(tmp_path):
     assert fresh.kl_ctl.value == module.kl_ctl.value
     for name, p in fresh.named_parameters():
         torch.testing.assert_close(p, dict(module.named_parameters())[name], msg=name)
+
+
+def test_early_stop_kl_stops_the_remaining_updates():
+    module = make_module(ppo=PPOConfig(ppo_epochs=2, num_minibatches=2, early_stop_kl=1e-9))
+    trainer = fit(module)
+    metrics = trainer.logged_metrics
+    # The first minibatch is evaluated at the rollout policy (KL ~ 0); after its update the second one's KL is
+    # above 1e-9, so 2 of the 4 planned updates run.
+    assert float(metrics["policy/updates"]) == 2.0
+    assert float(metrics["policy/early_stop"]) == 1.0
+    assert trainer.global_step == 1
+
+
+class RatioBlowUpPPO(PPOModule):
+    """Reports an absurd ratio for every minibatch, as after a policy blow-up."""
+
+    def _accumulate_gradients(self, minibatch, stats):
+        return {**super()._accumulate_gradients(minibatch, stats), "policy/ratio_mean": 100.0}
+
+
+def test_ratio_threshold_skips_updates_but_counts_the_iteration():
+    module = RatioBlowUpPPO(
+        policy=TINY,
+        generation=GenerationConfig(max_new_tokens=4),
+        ppo=PPOConfig(ppo_epochs=1, num_minibatches=2, ratio_threshold=10.0),
+        reward=CharFractionReward(),
+        optimizer=sgd,
+    )
+    module.configure_model()
+    before = snapshot(module)
+    with pytest.warns(RuntimeWarning, match="ratio_threshold"):
+        trainer = fit(module)
+    assert float(trainer.logged_metrics["policy/skipped_updates"]) == 2.0
+    assert float(trainer.logged_metrics["policy/updates"]) == 0.0
+    assert trainer.global_step == 1
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+class NaNLossPPO(PPOModule):
+    def _loss(self, part, stats, minibatch_stats):
+        return super()._loss(part, stats, minibatch_stats) * float("nan")
+
+
+def test_non_finite_updates_are_skipped_then_stop_with_an_error():
+    module = NaNLossPPO(
+        policy=TINY,
+        generation=GenerationConfig(max_new_tokens=4),
+        ppo=PPOConfig(ppo_epochs=1, num_minibatches=4, max_consecutive_skips=2),
+        reward=CharFractionReward(),
+        optimizer=sgd,
+    )
+    module.configure_model()
+    before = snapshot(module)
+    with pytest.warns(RuntimeWarning, match="non-finite"), pytest.raises(RuntimeError, match="3 consecutive"):
+        fit(module)
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
