@@ -35,7 +35,7 @@ from lightning_rlhf.control import AdaptiveKLController, FixedKLController, Runn
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
 from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout
-from lightning_rlhf.types import Rollout
+from lightning_rlhf.types import Rollout, RolloutSamples
 
 ScoreNorm = Literal["none", "batch", "running"]
 SCORE_NORMS: tuple[str, ...] = ("none", "batch", "running")
@@ -289,11 +289,12 @@ class PPOModule(LightningModule):
         # 1. rollout (no grad): sample responses; old and reference logprobs; values         -> rollout.py
         rollout = self._rollout(batch)
         # 2. score: reward on (prompt, response), then normalize / clip / missing-EOS penalty -> rewards.py
-        rollout = self._score(batch["prompts"], rollout, stats)
+        rollout, samples = self._score(batch["prompts"], rollout, stats)
         # 3. shape: per-token reward = score at last token - kl_coef * KL                   -> functional.token_rewards
         rollout = self._shape_rewards(rollout, stats)
         # 4. advantages: GAE, then masked whitening                                         -> functional.gae
         rollout = self._advantages(rollout, stats)
+        self._call_rl_hook("on_rollout_end", rollout=rollout, samples=samples)
         rollout_seconds = time.perf_counter() - started
         # 5. optimise: ppo_epochs x shuffled minibatches; manual_backward; clip; step        -> self._ppo_update
         self._ppo_update(rollout, stats)
@@ -334,7 +335,7 @@ class PPOModule(LightningModule):
         rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _score(self, prompts: list[str], rollout: Rollout, stats: _GlobalStats) -> Rollout:
+    def _score(self, prompts: list[str], rollout: Rollout, stats: _GlobalStats) -> tuple[Rollout, RolloutSamples]:
         responses = self.decode_responses(rollout)
         raw = self.reward(
             prompts,
@@ -350,7 +351,7 @@ class PPOModule(LightningModule):
         stats.add("rollout/_score_sq", raw.double().square().sum(), raw.numel())
         stats.add("rollout/response_len", lengths.sum(), lengths.numel())
         stats.add("rollout/eos_frac", rollout.ended.float().sum(), lengths.numel())
-        return dataclasses.replace(rollout, scores=scores)
+        return dataclasses.replace(rollout, scores=scores), RolloutSamples(prompts, responses, raw)
 
     def process_scores(self, raw: Tensor, ended: Tensor) -> Tensor:
         """Raw scores (B,) -> the scores PPO optimizes: normalize, clip, then the missing-EOS penalty.

@@ -49,6 +49,17 @@ class ValueLossStats(NamedTuple):
     """Mean predicted value."""
 
 
+class RolloutSamples(NamedTuple):
+    """The text side of a rollout for callbacks (sample tables, diagnostics); row ``b`` matches ``Rollout`` row b."""
+
+    prompts: list[str]
+    """The B prompts as given to the reward."""
+    responses: list[str]
+    """The B decoded responses, without the stop token and padding."""
+    raw_scores: Tensor
+    """(B,) float32 rewards as returned by the reward, before normalization, clipping and penalties."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Rollout:
     """One batch of sampled responses and everything PPO derives from it.

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
@@ -377,3 +377,49 @@ def test_non_finite_updates_are_skipped_then_stop_with_an_error():
     with pytest.warns(RuntimeWarning, match="non-finite"), pytest.raises(RuntimeError, match="3 consecutive"):
         fit(module)
     assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+class RecordingCallback(Callback):
+    """Records every RL-phase hook call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_rollout_end(self, trainer, module, rollout, samples):
+        self.calls.append(("rollout", len(rollout), samples))
+
+    def on_ppo_minibatch_end(self, trainer, module, epoch, index, stats):
+        self.calls.append(("minibatch", epoch, index, stats))
+
+    def on_ppo_epoch_end(self, trainer, module, epoch):
+        self.calls.append(("epoch", epoch))
+
+
+def test_rl_phase_hooks_are_called_in_order():
+    recorder = RecordingCallback()
+    module = make_module(ppo=PPOConfig(ppo_epochs=2, num_minibatches=2))
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    kinds = [c[0] if c[0] != "minibatch" else (c[0], c[1], c[2]) for c in recorder.calls]
+    assert kinds == [
+        "rollout",
+        ("minibatch", 0, 0),
+        ("minibatch", 0, 1),
+        "epoch",
+        ("minibatch", 1, 0),
+        ("minibatch", 1, 1),
+        "epoch",
+    ]
+    samples = recorder.calls[0][2]
+    assert samples.prompts == PROMPTS[:4]
+    assert len(samples.responses) == 4
+    assert all(isinstance(r, str) for r in samples.responses)
+    torch.testing.assert_close(samples.raw_scores, CharFractionReward()(samples.prompts, samples.responses))
+    assert {"policy/approx_kl", "policy/clipfrac", "loss/total", "policy/grad_norm"} <= set(recorder.calls[1][3])
