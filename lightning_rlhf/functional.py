@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_rlhf.types import PolicyLossStats, ValueLossStats
+from lightning_rlhf.types import PolicyLossStats, PreferenceLossStats, SFTLossStats, ValueLossStats
 
 KLEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean"]
@@ -103,13 +103,31 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return sq_dev / (count - 1 if unbiased else count)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, mean: float | None = None, var: float | None = None
+) -> Tensor:
     """Normalize ``x`` to unit variance (and zero mean if ``shift_mean``) over the entries where ``mask`` is True.
 
     Uses the unbiased variance plus ``WHITEN_EPS``. With ``shift_mean=False`` the mean is added back, so only the
     scale changes (TRL's ``whiten(shift_mean=False)``). Entries where ``mask`` is False are 0 in the result.
+
+    Args:
+        x: values, any shape.
+        mask: bool, same shape; True = include.
+        shift_mean: subtract the mean (True) or only rescale (False).
+        mean: precomputed mean to use instead of ``masked_mean(x, mask)`` (e.g. reduced across processes).
+        var: precomputed unbiased variance to use instead of ``masked_var(x, mask)``; pass both or neither.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if (mean is None) != (var is None):
+        raise ValueError("masked_whiten: pass both mean and var, or neither.")
+    if mean is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        _check_mask(mask, "mask")
+        mean, var = (
+            torch.as_tensor(mean, dtype=x.dtype, device=x.device),
+            torch.as_tensor(var, dtype=x.dtype, device=x.device),
+        )
     whitened = torch.where(mask, x - mean, 0.0) * torch.rsqrt(var + WHITEN_EPS)  # masked NaN/inf: see masked_var
     if not shift_mean:
         whitened = whitened + mean
@@ -456,5 +474,71 @@ def value_loss(
             clipfrac=masked_mean(clip_active.float(), response_mask),
             explained_var=explained_variance(values.detach().float(), returns.float(), response_mask),
             value_mean=masked_mean(values.detach().float(), response_mask),
+        )
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- SFT and reward model
+def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, SFTLossStats]:
+    """Next-token negative log-likelihood of the trained tokens only (the response), token-mean over the batch.
+
+    ``logits[:, t]`` predicts ``input_ids[:, t + 1]``; a token counts when ``loss_mask`` is True at its own position,
+    so prompt and padding tokens add neither loss nor gradient, whatever their logits (TRL ``completion_only_loss``).
+
+    Args:
+        logits: (B, L, V) unnormalized scores of the causal LM over the whole sequence, any float dtype.
+        input_ids: (B, L) long token ids, prompt then response then padding.
+        loss_mask: (B, L) bool, True for a token whose prediction is trained (a response token). Position 0 must be
+            False: nothing predicts the first token.
+    Returns:
+        (loss, stats): the scalar mean NLL (0 when no token is trained) and an :class:`SFTLossStats`.
+    """
+    _check_mask(loss_mask, "loss_mask")
+    _check_same_shape(input_ids=input_ids, loss_mask=loss_mask)
+    if logits.shape[:-1] != input_ids.shape:
+        raise ValueError(f"logits has shape {tuple(logits.shape)} but input_ids has {tuple(input_ids.shape)}.")
+    if loss_mask[:, 0].any():
+        raise ValueError("loss_mask[:, 0] must be False: the first token of a sequence has no prediction to train.")
+    targets, mask = input_ids[:, 1:], loss_mask[:, 1:]  # (B, L - 1): token t + 1, predicted at position t
+    logprobs = logprobs_from_logits(logits[:, :-1], targets)  # (B, L - 1) float32
+    loss = -masked_mean(logprobs, mask)
+    with torch.no_grad():
+        hits = (logits[:, :-1].argmax(-1) == targets).float()
+        stats = SFTLossStats(token_accuracy=masked_mean(hits, mask), num_tokens=mask.sum())
+    return loss, stats
+
+
+def bradley_terry_loss(
+    chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | float | None = None
+) -> tuple[Tensor, PreferenceLossStats]:
+    """Pairwise reward-model loss ``-log sigmoid(r_chosen - r_rejected - margin)``, mean over pairs.
+
+    Bradley and Terry 1952; Ouyang et al. 2022 (InstructGPT) eq. 1 without the 1/C(K, 2) grouping; the margin is
+    Touvron et al. 2023 (Llama 2) eq. 2: a pair labelled "much better" must be separated by at least ``margin`` before
+    its loss becomes small. Computed as ``softplus(-(diff - margin))``, which is exact for large differences.
+
+    Args:
+        chosen_scores: (B,) scalar rewards of the preferred responses (carry the gradient).
+        rejected_scores: (B,) scalar rewards of the rejected responses.
+        margin: (B,) per-pair target margins, one float for every pair, or None (0).
+    Returns:
+        (loss, stats): the scalar loss and a :class:`PreferenceLossStats` (accuracy and mean margin ignore ``margin``).
+    """
+    _check_same_shape(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    if chosen_scores.dim() != 1 or chosen_scores.numel() == 0:
+        raise ValueError(f"scores must be 1-D with at least one pair, (B,); got shape {tuple(chosen_scores.shape)}.")
+    diff = chosen_scores.float() - rejected_scores.float()  # (B,)
+    if isinstance(margin, Tensor):
+        _check_same_shape(chosen_scores=chosen_scores, margin=margin)
+        logits = diff - margin.float()
+    else:
+        logits = diff if margin is None else diff - float(margin)
+    loss = torch.nn.functional.softplus(-logits).mean()  # = -log sigmoid(logits)
+    with torch.no_grad():
+        stats = PreferenceLossStats(
+            accuracy=(diff > 0).float().mean(),
+            margin=diff.mean(),
+            chosen_score=chosen_scores.float().mean(),
+            rejected_score=rejected_scores.float().mean(),
         )
     return loss, stats

@@ -27,10 +27,13 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lightning_rlhf import functional as F
+from lightning_rlhf import strategies as _strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
@@ -71,6 +74,10 @@ class PPOConfig:
     """GAE lambda (TRL / DeepSpeed-Chat default)."""
     whiten_advantages: bool = True
     """Whiten advantages over the rollout's real tokens (zero mean, unit variance)."""
+    stats_scope: Literal["global", "local"] = "global"
+    """Over which data the advantage-whitening and score-normalization moments and the token-mean loss denominator
+    are taken: ``global`` (all processes: results do not depend on the number of devices) or ``local`` (each
+    process alone, as in TRL and cleanrl: no extra collective)."""
     score_norm: Literal["none", "batch", "running"] = "none"
     """Score normalization: none, batch (standardize per rollout) or running (standardize with running moments)."""
     score_clip: float | None = None
@@ -104,6 +111,7 @@ class PPOConfig:
         need(self.kl_estimator in F.KL_ESTIMATORS, "kl_estimator", f"choose one of {F.KL_ESTIMATORS}")
         need(self.aggregation in F.AGGREGATIONS, "aggregation", f"choose one of {F.AGGREGATIONS}")
         need(self.score_norm in SCORE_NORMS, "score_norm", f"choose one of {SCORE_NORMS}")
+        need(self.stats_scope in ("global", "local"), "stats_scope", "choose 'global' or 'local'")
         need(self.clip_coef > 0, "clip_coef", "use a positive clip range such as 0.2")
         need(
             self.dual_clip_coef is None or self.dual_clip_coef > 1,
@@ -147,6 +155,29 @@ def _as_config(cls: type, value: Any) -> Any:
         hint = hints.get(name)
         fields[name] = _as_config(hint, item) if dataclasses.is_dataclass(hint) and isinstance(item, dict) else item
     return cls(**fields)
+
+
+def _fully_shard(model: PolicyValueModel, mesh: Any) -> None:
+    """FSDP2: one unit per decoder layer of the policy (and of a full-fine-tuning reference), then the root.
+
+    Embeddings, final norm, ``lm_head`` and the value head stay in the root unit, so tied input/output embeddings
+    (Qwen2, Gemma) remain tied.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for lm in (model.lm, model.ref_lm):
+        if lm is None:
+            continue
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        layer_types = set(getattr(base, "_no_split_modules", None) or ())
+        layers = [m for m in base.modules() if type(m).__name__ in layer_types]
+        if not layers:
+            raise ValueError(
+                f"cannot shard {type(base).__name__} with fsdp2: its _no_split_modules names no decoder layer class."
+            )
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 class _GlobalStats:
@@ -232,8 +263,16 @@ class PPOModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------------ Lightning hooks
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = build_policy(self.policy_config, self.lora_config, self.tokenizer)
+        if self.model is not None:
+            return
+        self.model = build_policy(self.policy_config, self.lora_config, self.tokenizer)
+        if self.device_mesh is not None:  # ModelParallelStrategy / fsdp2: shard with FSDP2 over data-parallel ranks
+            _fully_shard(self.model, self.device_mesh["data_parallel"])
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded across processes (then every process must run every collective)."""
+        return self.device_mesh is not None
 
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -245,6 +284,12 @@ class PPOModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "--trainer.strategy fsdp (FSDP1) fails under PPO's manual optimization when Lightning wraps the "
+                "whole LightningModule (Lightning-AI/pytorch-lightning#19685); use --trainer.strategy fsdp2, which "
+                "shards the policy with FSDP2 and supports LoRA, generation and gradient clipping."
+            )
         # Seeded before a checkpoint restore (which then overwrites it); distinct per rank.
         self.shuffle_generator.manual_seed(torch.initial_seed() % 2**62 + self.global_rank)
 
@@ -328,6 +373,7 @@ class PPOModule(LightningModule):
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             micro_batch_size=self.ppo.micro_batch_size,
+            synced_gpus=self.sharded,
         )
 
     def decode_responses(self, rollout: Rollout) -> list[str]:
@@ -369,7 +415,8 @@ class PPOModule(LightningModule):
         if self.ppo.score_norm == "none":
             return raw
         moments = RunningMoments() if self.ppo.score_norm == "batch" else self.score_moments
-        moments.update_from_sums(self._all_reduce_sum(RunningMoments.sums(raw)))
+        sums = RunningMoments.sums(raw)
+        moments.update_from_sums(self._all_reduce_sum(sums) if self.ppo.stats_scope == "global" else sums)
         return (raw - moments.mean) / (moments.std + SCORE_NORM_EPS)
 
     def _shape_rewards(self, rollout: Rollout, stats: _GlobalStats) -> Rollout:
@@ -381,12 +428,24 @@ class PPOModule(LightningModule):
         stats.add("objective/rlhf_reward", (rollout.scores - self.kl_ctl.value * seq_kl).sum(), seq_kl.numel())
         return dataclasses.replace(rollout, kl=kl, rewards=rewards)
 
+    def _whiten(self, advantages: Tensor, mask: Tensor) -> Tensor:
+        """Masked whitening with moments over this process (``local``) or over all processes (``global``)."""
+        if self.ppo.stats_scope == "local":
+            return F.masked_whiten(advantages, mask)
+        sums = RunningMoments.sums(advantages[mask])  # [count, sum, sum of squares]
+        count, total, total_sq = self._all_reduce_sum(sums).tolist()
+        if count < 2:
+            raise ValueError(f"advantage whitening needs at least 2 response tokens in the rollout, got {count:.0f}.")
+        mean = total / count
+        var = (total_sq - count * mean**2) / (count - 1)
+        return F.masked_whiten(advantages, mask, mean=mean, var=var)
+
     def _advantages(self, rollout: Rollout, stats: _GlobalStats) -> Rollout:
         advantages, returns = F.gae(
             rollout.rewards, rollout.old_values, rollout.response_mask, self.ppo.gamma, self.ppo.gae_lambda
         )
         if self.ppo.whiten_advantages:
-            advantages = F.masked_whiten(advantages, rollout.response_mask)
+            advantages = self._whiten(advantages, rollout.response_mask)
         # Explained variance of the rollout critic, from global sums: 1 - Var(R - V) / Var(R) over real tokens.
         mask, n_tokens = rollout.response_mask, rollout.response_mask.sum()
         residual = returns - rollout.old_values
@@ -429,14 +488,19 @@ class PPOModule(LightningModule):
     def _accumulate_gradients(self, minibatch: Rollout, stats: _GlobalStats) -> dict[str, float]:
         """Backward over the minibatch in micro-batches; returns its global (all-process) loss statistics."""
         micro = self.ppo.micro_batch_size or len(minibatch)
-        tokens = minibatch.response_mask.sum().clamp(min=1)
+        # token-mean over the *global* minibatch: data-parallel gradients are averaged over processes, so each
+        # process divides its token sum by the mean token count per process. Results do not depend on how the
+        # batch is split across devices.
+        tokens = minibatch.response_mask.sum().double()
+        if self.ppo.stats_scope == "global":
+            tokens = self._all_reduce_sum(tokens) / self.trainer.world_size
         minibatch_stats = _GlobalStats()
         for start in range(0, len(minibatch), micro):
             part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
             # the gradient of the minibatch loss under either aggregation.
             if self.ppo.aggregation == "token-mean":
-                weight = part.response_mask.sum() / tokens
+                weight = (part.response_mask.sum() / tokens.clamp(min=1)).float()
             else:
                 weight = torch.tensor(len(part) / len(minibatch), device=self.device)
             loss = self._loss(part, stats, minibatch_stats)
@@ -518,10 +582,12 @@ class PPOModule(LightningModule):
         return loss
 
     def _grad_norm(self) -> Tensor:
+        """L2 norm of all gradients; under FSDP2 the shards' norms are combined into the full norm."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
-            return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _optimizer_step(self, optimizer: Any) -> None:
         """Step the optimizer; only an iteration's first step advances ``trainer.global_step`` (one per iteration)."""

@@ -725,3 +725,14 @@ WIDE = torch.zeros(3, 6)
 def test_bad_input_raises_value_error_naming_the_argument(call: Callable, match: str):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_masked_whiten_with_precomputed_moments():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    # Given moments mean 0, var 4 (std 2): [1, 2, 3] -> [0.5, 1.0, 1.5] (eps 1e-8 is far below the tolerance).
+    assert_close(fn.masked_whiten(x, mask, mean=0.0, var=4.0), torch.tensor([[0.5, 1.0, 1.5, 0.0]]))
+    # The rollout's own moments reproduce the default path: mean 2, var 1.
+    assert_close(fn.masked_whiten(x, mask, mean=2.0, var=1.0), fn.masked_whiten(x, mask))
+    with pytest.raises(ValueError, match="both mean and var"):
+        fn.masked_whiten(x, mask, mean=0.0)
