@@ -216,6 +216,8 @@ class PPOModule(LightningModule):
         reward: the sequence-level reward; None means a subclass overrides :meth:`reward`.
         optimizer: builds the optimizer from the trainable parameters (LightningCLI ``OptimizerCallable``).
         lr_scheduler: builds an LR scheduler from the optimizer; it steps once per PPO iteration.
+        eval_reward: a second reward, scored on the same rollouts and logged as ``rollout/true_reward``, never
+            optimized (e.g. a ground-truth rule next to a learned reward model, so reward hacking shows as a gap).
     """
 
     def __init__(
@@ -227,6 +229,7 @@ class PPOModule(LightningModule):
         reward: Reward | Callable[[list[str], list[str]], Any] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        eval_reward: Reward | Callable[[list[str], list[str]], Any] | None = None,
     ) -> None:
         super().__init__()
         self.policy_config = _as_config(PolicyConfig, policy)
@@ -244,6 +247,7 @@ class PPOModule(LightningModule):
         )
         self.automatic_optimization = False
         self.reward_fn = reward
+        self.eval_reward = eval_reward
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.tokenizer = load_tokenizer(self.policy_config)
@@ -296,6 +300,8 @@ class PPOModule(LightningModule):
     def on_fit_start(self) -> None:
         if isinstance(self.reward_fn, Reward):
             self.reward_fn.setup(self.device)
+        if isinstance(self.eval_reward, Reward):
+            self.eval_reward.setup(self.device)
 
     # ---------------------------------------------------------------------------------------------------- the reward
     def reward(
@@ -397,6 +403,16 @@ class PPOModule(LightningModule):
         stats.add("rollout/_score_sq", raw.double().square().sum(), raw.numel())
         stats.add("rollout/response_len", lengths.sum(), lengths.numel())
         stats.add("rollout/eos_frac", rollout.ended.float().sum(), lengths.numel())
+        if self.eval_reward is not None:
+            true_reward = call_reward(
+                self.eval_reward,
+                prompts,
+                responses,
+                prompt_ids=rollout.prompt_ids,
+                response_ids=rollout.response_ids,
+                response_mask=rollout.response_mask,
+            )
+            stats.add("rollout/true_reward", true_reward.sum(), true_reward.numel())
         return dataclasses.replace(rollout, scores=scores), RolloutSamples(prompts, responses, raw)
 
     def process_scores(self, raw: Tensor, ended: Tensor) -> Tensor:

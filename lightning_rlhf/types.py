@@ -134,3 +134,25 @@ class Rollout:
     def _map(self, fn: Callable[[Tensor], Tensor]) -> Rollout:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return Rollout(**{name: None if value is None else fn(value) for name, value in fields.items()})
+
+
+class SFTLossStats(NamedTuple):
+    """Diagnostics of one ``sft_loss`` call; detached scalars over the trained (response) tokens."""
+
+    token_accuracy: Tensor
+    """Share of trained tokens that are the argmax of the model's prediction."""
+    num_tokens: Tensor
+    """Number of trained tokens in the batch (long)."""
+
+
+class PreferenceLossStats(NamedTuple):
+    """Diagnostics of one ``bradley_terry_loss`` call; detached scalars over the pairs."""
+
+    accuracy: Tensor
+    """Share of pairs whose chosen score is strictly above the rejected score (a tie counts as wrong)."""
+    margin: Tensor
+    """Mean of ``chosen_scores - rejected_scores`` (without any target margin)."""
+    chosen_score: Tensor
+    """Mean score of the chosen responses."""
+    rejected_score: Tensor
+    """Mean score of the rejected responses."""

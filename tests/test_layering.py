@@ -6,7 +6,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_rlhf"
-LIGHTNING_FACING = {"module.py", "data.py", "cli.py", "callbacks.py", "strategies.py"}
+LIGHTNING_FACING = {
+    "module.py",
+    "data.py",
+    "cli.py",
+    "callbacks.py",
+    "strategies.py",
+    "sft.py",
+    "reward_model.py",
+    "pipeline_data.py",
+    "export_callback.py",
+    "checkpointing.py",
+}
 LIGHTNING_NAMES = {"lightning", "pytorch_lightning", "lightning_fabric"}
 
 

@@ -1,0 +1,183 @@
+"""``SFTModule``: supervised fine-tuning of a causal LM on (prompt, response) pairs, the first stage of RLHF.
+
+The loss is the next-token negative log-likelihood of the **response tokens only** (token-mean over the batch,
+:func:`lightning_rlhf.functional.sft_loss`); prompt and padding tokens are context, never targets. Data comes from
+:class:`lightning_rlhf.pipeline_data.SFTDataModule`, which encodes prompts exactly as PPO's
+:class:`~lightning_rlhf.data.PromptDataModule` does, so the PPO policy continues prompts the way it was taught to.
+
+The hand-off to PPO: at the end of ``fit`` the module writes ``output_dir`` as a plain Hugging Face model directory,
+the **merged** weights (a LoRA adapter folded into the base) with ``config.json`` and the tokenizer, loadable with
+``AutoModelForCausalLM.from_pretrained``. Point PPO's ``policy.name_or_path`` at it: PPO's policy starts from it and
+its reference *is* it (with LoRA in PPO the reference is that model with PPO's adapter disabled; with full fine-tuning
+a frozen copy of it). With LoRA and ``save_adapter``, the SFT adapter alone is also written to ``output_dir/adapter``.
+
+Where this departs from TRL's ``SFTTrainer``: no packing (each row is one sequence, right-padded), and the output is
+always merged, so the next stage needs no PEFT-specific loading.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_rlhf import functional as F
+from lightning_rlhf.models import (
+    LoraConfig,
+    PolicyConfig,
+    _attach_lora,
+    _check_dtype,
+    _enable_checkpointing,
+    _pretrained,
+    _tiny_llama,
+    load_tokenizer,
+)
+from lightning_rlhf.module import _as_config
+
+
+def default_sft_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW with lr 1e-4 and no weight decay, used when the recipe names no optimizer."""
+    return torch.optim.AdamW(params, lr=1.0e-4, weight_decay=0.0)
+
+
+def build_causal_lm(cfg: PolicyConfig, lora: LoraConfig, tokenizer: Any) -> nn.Module:
+    """The causal LM of ``cfg`` (hub id, directory, or tiny random Llama), with a LoRA adapter or fully trainable.
+
+    Raises:
+        ValueError: an invalid ``policy.dtype`` or ``lora.target_modules`` that match nothing.
+        FileNotFoundError: ``policy.name_or_path`` is a local path that does not exist.
+    """
+    dtype = _check_dtype(cfg.dtype)
+    lm = _tiny_llama(cfg, tokenizer, dtype) if cfg.name_or_path is None else _pretrained(cfg, dtype)
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(lm)
+    if not lora.enabled:
+        return lm.requires_grad_(True)
+    peft_lm = _attach_lora(lm, lora)
+    if cfg.gradient_checkpointing:
+        lm.disable_input_require_grads()  # peft adds the hook again; only reentrant checkpointing needs it
+    return peft_lm
+
+
+class SFTModule(LightningModule):
+    """Supervised fine-tuning with the loss on response tokens only; saves an HF model directory for PPO.
+
+    Args:
+        policy: which causal LM to fine-tune (hub id, local path, or a tiny random config) and its tokenizer.
+        lora: the LoRA adapter; ``lora.enabled: false`` trains every weight.
+        output_dir: where ``fit`` writes the merged model and tokenizer at its end (rank 0); None writes nothing.
+            This directory is the next stages' ``policy.name_or_path`` (PPO) and may be the reward model's init.
+        save_adapter: with LoRA, also write the adapter alone to ``output_dir/adapter``.
+        optimizer: builds the optimizer from the trainable parameters (LightningCLI ``OptimizerCallable``).
+        lr_scheduler: builds an LR scheduler from the optimizer; it steps every optimizer step.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig | None = None,
+        lora: LoraConfig | None = None,
+        output_dir: str | None = None,
+        save_adapter: bool = True,
+        optimizer: OptimizerCallable = default_sft_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.policy_config = _as_config(PolicyConfig, policy)
+        self.lora_config = _as_config(LoraConfig, lora)
+        self.save_hyperparameters(
+            {
+                "policy": dataclasses.asdict(self.policy_config),
+                "lora": dataclasses.asdict(self.lora_config),
+                "output_dir": output_dir,
+                "save_adapter": save_adapter,
+            }
+        )
+        self.output_dir = output_dir
+        self.save_adapter = save_adapter
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.tokenizer = load_tokenizer(self.policy_config)
+        self.lm: nn.Module | None = None
+        self.val_loss = MeanMetric()
+        self.val_token_accuracy = MeanMetric()
+
+    # ------------------------------------------------------------------------------------------------ Lightning hooks
+    def configure_model(self) -> None:
+        if self.lm is None:
+            self.lm = build_causal_lm(self.policy_config, self.lora_config, self.tokenizer)
+
+    def configure_optimizers(self) -> Any:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("No trainable parameters: enable LoRA (lora.enabled) or full fine-tuning.")
+        optimizer = self.optimizer_factory(trainable)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, V) logits of the causal LM for right-padded ``input_ids`` (B, L) and bool ``attention_mask``."""
+        if self.lm is None:
+            raise RuntimeError("SFTModule has no model yet; call configure_model() (trainer.fit does).")
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False).logits
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, stats = F.sft_loss(
+            self(batch["input_ids"], batch["attention_mask"]), batch["input_ids"], batch["loss_mask"]
+        )
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/token_accuracy", stats.token_accuracy, on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # Fresh states in this loop's grad mode: states last reset inside trainer.validate() are inference tensors,
+        # which fit's validation (no_grad, not inference mode) could not update.
+        self.val_loss.reset()
+        self.val_token_accuracy.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, stats = F.sft_loss(
+            self(batch["input_ids"], batch["attention_mask"]), batch["input_ids"], batch["loss_mask"]
+        )
+        # Weighted by trained tokens: the epoch value is the token-mean over the whole validation set.
+        self.val_loss.update(loss, weight=stats.num_tokens)
+        self.val_token_accuracy.update(stats.token_accuracy, weight=stats.num_tokens)
+        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("val/token_accuracy", self.val_token_accuracy, on_step=False, on_epoch=True)
+
+    def on_fit_end(self) -> None:
+        if self.output_dir is not None and self.trainer.is_global_zero:
+            self.save_pretrained(self.output_dir)
+
+    # ------------------------------------------------------------------------------------------------------ export
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the merged model (``config.json``, weights) and the tokenizer to ``path``; with LoRA and
+        ``save_adapter`` also the adapter alone to ``path/adapter``.
+
+        The merge runs on a copy, so training can go on afterwards.
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path`.
+        """
+        if self.lm is None:
+            raise RuntimeError("SFTModule has no model to save; call configure_model() first.")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lm = self.lm
+        if isinstance(lm, peft.PeftModel):
+            if self.save_adapter:
+                lm.save_pretrained(path / "adapter")
+            lm = copy.deepcopy(lm).merge_and_unload()
+        lm.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
