@@ -44,6 +44,7 @@ def main(args: list[str] | None = None) -> None:
                 "init_args": {"save_dir": DEFAULT_RUN_DIR, "name": "ppo"},
             },
             "log_every_n_steps": 1,
+            "plugins": [{"class_path": "lightning_rlhf.checkpointing.AtomicCheckpointIO"}],
         },
         args=args,
     )

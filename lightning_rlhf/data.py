@@ -18,13 +18,14 @@ Tokenization, chosen so the policy continues the prompt rather than a finished s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.tasks import get_task
@@ -61,6 +62,47 @@ class LeftPadCollator:
             prompt_ids[b, width - n :] = torch.tensor(row["input_ids"], dtype=torch.long)
             prompt_mask[b, width - n :] = True
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompts": [r["prompt"] for r in rows]}
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded, per-process prompt order that resumes mid-epoch.
+
+    A ``DistributedSampler`` (so Lightning keeps it instead of wrapping it) with ``drop_last=True``: epoch ``e``
+    uses the permutation seeded by ``seed + e`` (or the file order without shuffle), truncated to a multiple of the
+    number of processes, and process ``rank`` takes every ``num_replicas``-th index. When ``completed_batches()``
+    is non-zero at the start of an epoch (a run resumed from a mid-epoch checkpoint), that many of this process's
+    batches are skipped.
+
+    Args:
+        num_samples: dataset size.
+        batch_size: per-process batch size, to turn completed batches into skipped samples.
+        shuffle: permute the prompts each epoch.
+        seed: base seed of the permutation.
+        num_replicas: number of processes.
+        rank: this process.
+        completed_batches: returns the number of batches of the current epoch already trained on.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        completed_batches: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(
+            range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        self.completed_batches = completed_batches
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip = self.completed_batches() * self.batch_size if self.completed_batches is not None else 0
+        return iter(indices[skip:])
 
 
 class _PromptDataset(Dataset):
@@ -313,15 +355,39 @@ class PromptDataModule(LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded), full-size, left-padded batches; see the class docstring for the batch layout."""
+        """Shuffled (seeded), full-size, left-padded batches; see the class docstring for the batch layout.
+
+        The sampler is a :class:`ResumableSampler`: each process gets its own share of the prompts, the order of
+        epoch ``e`` depends only on ``(seed, e)``, and a run resumed mid-epoch continues with the prompts it would
+        have seen next instead of replaying the epoch from its start.
+        """
         dataset = self._loaded()
         self._check_batch_size(len(dataset))
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            len(dataset),
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            completed_batches=self._completed_batches,
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            sampler=sampler,
             drop_last=True,  # constant batch size, so PPO minibatch splits always divide it
             num_workers=self.num_workers,
             collate_fn=LeftPadCollator(self._pad_token_id),
-            generator=torch.Generator().manual_seed(self.seed) if self.shuffle else None,
+            # Its own generator: creating an iterator (every epoch, and on resume) must not draw from the global RNG
+            # that sampling uses, or a resumed run would sample differently.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _completed_batches(self) -> int:
+        """Batches of the current epoch already trained on (non-zero when a run resumes mid-epoch)."""
+        if self.trainer is None:
+            return 0
+        # Lightning restores its loop progress before the training iterator is created, but not the data position.
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.completed)

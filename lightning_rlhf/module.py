@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 import typing
 from collections.abc import Callable
@@ -178,6 +179,28 @@ def _fully_shard(model: PolicyValueModel, mesh: Any) -> None:
         for layer in layers:
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def _get_rng_state(shuffle_generator: torch.Generator) -> dict[str, Any]:
+    """This process's random states as plain tensors and lists (loadable with ``weights_only=True``)."""
+    version, mt_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss],
+        "shuffle": shuffle_generator.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], shuffle_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    shuffle_generator.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _GlobalStats:
@@ -653,13 +676,44 @@ class PPOModule(LightningModule):
         checkpoint["lightning_rlhf"] = {
             "kl_ctl": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(),
-            "shuffle_generator": self.shuffle_generator.get_state(),
+            "base_model": self._base_model_fingerprint(),
+            # Every process's random state (sampling, minibatch shuffling), so a resumed run continues exactly.
+            "rng": self._gather_rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lightning_rlhf")
         if state is None:
-            return
+            raise ValueError("This checkpoint was not written by PPOModule (no 'lightning_rlhf' entry); cannot resume.")
+        saved, current = state["base_model"], self._base_model_fingerprint()
+        if saved != current:
+            raise ValueError(
+                f"The checkpoint was trained on another base model or adapter layout: it has {saved}, this run has "
+                f"{current}. Resume with the checkpoint's model.policy / model.lora settings."
+            )
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
-        self.shuffle_generator.set_state(state["shuffle_generator"])
+        rng, world_size = state["rng"], self.trainer.world_size if self._trainer is not None else 1
+        if len(rng) == world_size:
+            _set_rng_state(rng[self.global_rank], self.shuffle_generator)
+        else:
+            rank_zero_warn(
+                f"The checkpoint holds random states of {len(rng)} processes, this run has {world_size}: "
+                "sampling continues from fresh random states, so the run is not an exact continuation."
+            )
+
+    def _base_model_fingerprint(self) -> dict[str, Any]:
+        """What the trained weights are only valid with: the base model and the adapter layout."""
+        return {
+            "name_or_path": self.policy_config.name_or_path,
+            "tiny": None if self.policy_config.name_or_path else dataclasses.asdict(self.policy_config.tiny),
+            "lora": dataclasses.asdict(self.lora_config),
+        }
+
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        state = _get_rng_state(self.shuffle_generator)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [state]
+        states: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, state)
+        return states

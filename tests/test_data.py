@@ -261,3 +261,32 @@ def test_help_documents_every_argument():
     assert "longest prompt in tokens" in text
     assert "the policy tokenizer" in text
     assert "{error,left}" in text
+
+
+def test_resumable_sampler_order_is_a_function_of_seed_and_epoch():
+    from lightning_rlhf.data import ResumableSampler
+
+    sampler = ResumableSampler(10, batch_size=2, shuffle=True, seed=3)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    assert sorted(first) == list(range(10))
+    assert list(sampler) == first  # re-iterating an epoch gives the same order
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    fresh = ResumableSampler(10, batch_size=2, shuffle=True, seed=3)
+    fresh.set_epoch(1)
+    assert list(fresh) == list(sampler)  # no hidden RNG carried over from epoch 0
+    assert list(ResumableSampler(5, batch_size=1, shuffle=False, seed=0)) == [0, 1, 2, 3, 4]
+
+
+def test_resumable_sampler_shards_and_skips_completed_batches():
+    from lightning_rlhf.data import ResumableSampler
+
+    # 11 prompts on 2 processes: truncated to 10, rank r takes positions r, r + 2, ... of the epoch's order.
+    ranks = [ResumableSampler(11, batch_size=2, shuffle=False, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [list(s) for s in ranks] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    # Resumed after 2 completed batches of 2: rank 0 continues at its 5th index.
+    resumed = ResumableSampler(
+        11, batch_size=2, shuffle=False, seed=0, num_replicas=2, rank=0, completed_batches=lambda: 2
+    )
+    assert list(resumed) == [8]

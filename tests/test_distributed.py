@@ -1,6 +1,6 @@
 """Multi-process PPO on CPU (gloo): DDP and FSDP2 through the real CLI, in subprocesses killed as a group on timeout.
 
-One process with a per-device batch of 8 and two processes with 4 each must see the same prompts, log the same
+One process with a per-device batch of 4 and two processes with 2 each must see the same prompts, log the same
 global metrics and reach the same weights (greedy generation and SGD make the runs deterministic); FSDP2 must match
 DDP and resume from its own checkpoint to the weights of an uninterrupted run.
 """
@@ -99,16 +99,16 @@ def two_processes(strategy: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    single = run_cli(tmp, "single", config(tmp / "single", batch_size=8, max_steps=2))
-    ddp = run_cli(tmp, "ddp", config(tmp / "ddp", batch_size=4, max_steps=2), *two_processes("ddp_rlhf"))
+    single = run_cli(tmp, "single", config(tmp / "single", batch_size=4, max_steps=2))
+    ddp = run_cli(tmp, "ddp", config(tmp / "ddp", batch_size=2, max_steps=2), *two_processes("ddp_rlhf"))
     fsdp = run_cli(
-        tmp, "fsdp2", config(tmp / "fsdp2", batch_size=4, max_steps=3, ckpt_dir=tmp / "ckpt"), *two_processes("fsdp2")
+        tmp, "fsdp2", config(tmp / "fsdp2", batch_size=2, max_steps=3, ckpt_dir=tmp / "ckpt"), *two_processes("fsdp2")
     )
-    ckpt = next((tmp / "ckpt").glob("*step=2.ckpt"))
+    ckpt = next((tmp / "ckpt").glob("*step=1.ckpt"))  # the middle of epoch 0 (2 batches per epoch)
     resumed = run_cli(
         tmp,
         "resumed",
-        config(tmp / "resumed", batch_size=4, max_steps=3),
+        config(tmp / "resumed", batch_size=2, max_steps=3),
         *two_processes("fsdp2"),
         f"--ckpt_path={ckpt}",
     )
@@ -130,7 +130,7 @@ def test_ddp_logs_global_means_and_keeps_ranks_identical(runs):
     rows = metrics(runs["ddp"])
     for step, row in enumerate(rows, start=1):
         scores = [s for d in dumps(runs["ddp"], step) for s in d["scores"]]
-        assert len(scores) == 8  # 4 prompts on each of 2 ranks, no prompt twice
+        assert len(scores) == 4  # 2 prompts on each of 2 ranks
         torch.testing.assert_close(float(row["rollout/score"]), sum(scores) / len(scores))
 
 
@@ -144,7 +144,8 @@ def test_one_process_and_two_processes_reach_the_same_weights(runs):
         assert_same_weights(single["weights"], ddp["weights"])
     for a, b in zip(metrics(runs["single"]), metrics(runs["ddp"]), strict=True):
         for key in ("rollout/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl"):
-            torch.testing.assert_close(float(a[key]), float(b[key]), msg=key)
+            # float32 values (computed in float32, written as text): compare at float32 tolerances
+            torch.testing.assert_close(torch.tensor(float(a[key])), torch.tensor(float(b[key])), msg=key)
 
 
 def test_fsdp2_matches_ddp(runs):
@@ -154,12 +155,17 @@ def test_fsdp2_matches_ddp(runs):
         assert_same_weights(fsdp[0]["weights"], fsdp[1]["weights"])
 
 
-def test_fsdp2_resume_continues_exactly(runs):
-    assert not list(runs["resumed"].glob("rank*_step2.pt")), "the resumed run repeated step 2"
-    resumed, straight = dumps(runs["resumed"], 3), dumps(runs["fsdp2"], 3)
-    assert len(resumed) == 2
-    assert_same_weights(resumed[0]["weights"], straight[0]["weights"])
-    assert metrics(runs["resumed"])[0]["rollout/score"] == metrics(runs["fsdp2"])[2]["rollout/score"]
+def test_fsdp2_resume_mid_epoch_continues_exactly(runs):
+    assert not list(runs["resumed"].glob("rank*_step1.pt")), "the resumed run repeated step 1"
+    for step in (2, 3):
+        resumed, straight = dumps(runs["resumed"], step), dumps(runs["fsdp2"], step)
+        assert len(resumed) == 2
+        for rank in (0, 1):  # the same prompts on each rank as the uninterrupted run, and the same weights
+            assert resumed[rank]["scores"] == straight[rank]["scores"]
+        assert_same_weights(resumed[0]["weights"], straight[0]["weights"])
+    assert [r["rollout/score"] for r in metrics(runs["resumed"])] == [
+        r["rollout/score"] for r in metrics(runs["fsdp2"])[1:]
+    ]
 
 
 def test_fsdp1_is_refused_with_a_pointer_to_fsdp2(tmp_path):
