@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import peft
 import torch
@@ -152,8 +153,14 @@ def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _tiny_llama(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> nn.Module:
-    tiny = cfg.tiny
+def build_tiny(
+    auto_class: Any, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, **extra: Any
+) -> nn.Module:
+    """A small random Llama of shape ``tiny`` as ``auto_class`` (a causal LM, a sequence classifier, ...).
+
+    The weights depend only on ``tiny.seed`` (built under a forked RNG), so rebuilding gives the same base model.
+    ``extra`` goes into the ``LlamaConfig`` (e.g. ``num_labels=1``).
+    """
     config = transformers.LlamaConfig(
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
@@ -165,10 +172,15 @@ def _tiny_llama(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase, dtype: to
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        **extra,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny.seed)
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return auto_class.from_config(config, dtype=dtype)
+
+
+def _tiny_llama(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> nn.Module:
+    return build_tiny(transformers.AutoModelForCausalLM, cfg.tiny, tokenizer, dtype)
 
 
 def _pretrained(cfg: PolicyConfig, dtype: torch.dtype) -> nn.Module:

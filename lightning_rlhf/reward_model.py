@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf import functional as F
-from lightning_rlhf.models import BYTE_TOKENIZER, LoraConfig, TinyModelConfig, _check_dtype
+from lightning_rlhf.models import BYTE_TOKENIZER, LoraConfig, TinyModelConfig, _check_dtype, build_tiny
 from lightning_rlhf.module import _as_config
 
 METRICS = ("loss", "accuracy", "margin")
@@ -90,22 +90,7 @@ def load_rm_tokenizer(cfg: RewardModelConfig) -> Any:
 
 
 def _tiny_reward_model(tiny: TinyModelConfig, tokenizer: Any, dtype: torch.dtype) -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_hidden_layers,
-        num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_key_value_heads,
-        max_position_embeddings=tiny.max_position_embeddings,
-        vocab_size=len(tokenizer),
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tiny.seed)
-        return transformers.AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    return build_tiny(transformers.AutoModelForSequenceClassification, tiny, tokenizer, dtype, num_labels=1)
 
 
 def _pretrained_reward_model(cfg: RewardModelConfig, dtype: torch.dtype) -> nn.Module:
