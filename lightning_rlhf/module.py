@@ -7,7 +7,7 @@ model, the reference is the same base with the adapter disabled, and the critic 
 Where this departs from the usual loop:
 
 - ``trainer.global_step`` (so ``--trainer.max_steps`` and ``ModelCheckpoint(every_n_train_steps=...)``) counts PPO
-  iterations, not optimizer steps: only the last optimizer step of an iteration goes through Lightning's step counter.
+  iterations, not optimizer steps: only the first optimizer step of an iteration goes through Lightning's step counter.
 - The LR scheduler steps once per PPO iteration.
 - ``objective/kl`` is the per-sequence KL (sum over the response's tokens, mean over sequences), the quantity the
   adaptive controller targets (Ziegler et al. 2019).
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import time
-import typing
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -35,194 +33,13 @@ from torch.distributed.tensor import DTensor
 
 from lightning_rlhf import functional as F
 from lightning_rlhf import strategies as _strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
+from lightning_rlhf.config import SCORE_NORM_EPS, PPOConfig, as_config, default_optimizer
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
+from lightning_rlhf.distributed import GlobalStats, fully_shard_policy, get_rng_state, set_rng_state
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
 from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout
 from lightning_rlhf.types import Rollout, RolloutSamples
-
-ScoreNorm = Literal["none", "batch", "running"]
-SCORE_NORMS: tuple[str, ...] = ("none", "batch", "running")
-SCORE_NORM_EPS = 1e-8
-"""Added to the score standard deviation before dividing."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    """PPO and RLHF hyperparameters. Defaults follow TRL / cleanrl unless a comment says otherwise."""
-
-    clip_coef: float = 0.2
-    """Policy ratio clip epsilon (PPO paper, TRL `cliprange`)."""
-    dual_clip_coef: float | None = None
-    """Dual-clip c > 1 for negative advantages (Ye et al. 2020); None disables it."""
-    value_clip_coef: float | None = 0.2
-    """Clip of the value prediction around the rollout value (TRL `cliprange_value`); None = unclipped value loss."""
-    vf_coef: float = 0.1
-    """Weight of the value loss in the total loss (TRL default 0.1)."""
-    ent_coef: float = 0.0
-    """Weight of the entropy bonus (0 = off, as in TRL, verl, OpenRLHF)."""
-    kl_coef: float = 0.05
-    """Initial beta of the per-token KL penalty in the reward (TRL default 0.05)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward: k1 (unbiased), k2 (>= 0, biased) or k3 (unbiased, >= 0)."""
-    target_kl: float | None = None
-    """Target per-sequence KL (nats) of the adaptive controller; None keeps ``kl_coef`` fixed."""
-    kl_horizon: int = 10000
-    """Horizon of the adaptive KL controller in samples (Ziegler et al. 2019 use 10000)."""
-    gamma: float = 1.0
-    """Discount factor over response tokens."""
-    gae_lambda: float = 0.95
-    """GAE lambda (TRL / DeepSpeed-Chat default)."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the rollout's real tokens (zero mean, unit variance)."""
-    stats_scope: Literal["global", "local"] = "global"
-    """Over which data the advantage-whitening and score-normalization moments and the token-mean loss denominator
-    are taken: ``global`` (all processes: results do not depend on the number of devices) or ``local`` (each
-    process alone, as in TRL and cleanrl: no extra collective)."""
-    score_norm: Literal["none", "batch", "running"] = "none"
-    """Score normalization: none, batch (standardize per rollout) or running (standardize with running moments)."""
-    score_clip: float | None = None
-    """Clip normalized scores to [-score_clip, score_clip]; None = no clip."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of a response that hit ``max_new_tokens`` without a stop token (TRL)."""
-    ppo_epochs: int = 4
-    """Passes over each rollout."""
-    num_minibatches: int = 1
-    """Optimizer steps per PPO epoch; must divide the per-device rollout batch size."""
-    micro_batch_size: int | None = None
-    """Rows per forward/backward (gradient accumulation within a minibatch); None = the whole minibatch."""
-    max_grad_norm: float | None = 1.0
-    """Clip the gradient norm to this value before each optimizer step; None = no clipping."""
-    early_stop_kl: float | None = None
-    """Stop a rollout's remaining PPO updates once a minibatch's approx KL (k3, nats per token, global mean) exceeds
-    this (cleanrl ``target_kl``, TRL <= 0.11 ``early_stopping``); None = off."""
-    ratio_threshold: float | None = None
-    """Skip a minibatch's optimizer step when its mean ratio pi / pi_old exceeds this (TRL <= 0.11: 10); None = off."""
-    max_consecutive_skips: int = 10
-    """Skipped updates (non-finite loss or gradient, ratio threshold) in a row before training stops with an
-    error."""
-    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
-    """How per-token losses become one number: token-mean (all real tokens) or seq-mean-token-mean."""
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, field: str, fix: str) -> None:
-            if not ok:
-                raise ValueError(f"ppo.{field}={getattr(self, field)!r} is invalid: {fix}.")
-
-        need(self.kl_estimator in F.KL_ESTIMATORS, "kl_estimator", f"choose one of {F.KL_ESTIMATORS}")
-        need(self.aggregation in F.AGGREGATIONS, "aggregation", f"choose one of {F.AGGREGATIONS}")
-        need(self.score_norm in SCORE_NORMS, "score_norm", f"choose one of {SCORE_NORMS}")
-        need(self.stats_scope in ("global", "local"), "stats_scope", "choose 'global' or 'local'")
-        need(self.clip_coef > 0, "clip_coef", "use a positive clip range such as 0.2")
-        need(
-            self.dual_clip_coef is None or self.dual_clip_coef > 1,
-            "dual_clip_coef",
-            "use a value > 1 (e.g. 3.0) or null",
-        )
-        need(self.value_clip_coef is None or self.value_clip_coef > 0, "value_clip_coef", "use a value > 0 or null")
-        need(self.vf_coef >= 0, "vf_coef", "use a value >= 0")
-        need(self.kl_coef >= 0, "kl_coef", "use a value >= 0")
-        need(self.target_kl is None or self.target_kl > 0, "target_kl", "use a positive KL in nats, or null for fixed")
-        need(self.kl_horizon > 0, "kl_horizon", "use a positive number of samples")
-        need(0 <= self.gamma <= 1, "gamma", "use a discount in [0, 1]")
-        need(0 <= self.gae_lambda <= 1, "gae_lambda", "use a lambda in [0, 1]")
-        need(self.score_clip is None or self.score_clip > 0, "score_clip", "use a value > 0 or null")
-        need(self.ppo_epochs >= 1, "ppo_epochs", "use at least 1")
-        need(self.num_minibatches >= 1, "num_minibatches", "use at least 1")
-        need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "use >= 1 or null")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a value > 0 or null")
-        need(self.early_stop_kl is None or self.early_stop_kl > 0, "early_stop_kl", "use a value > 0 or null")
-        need(self.ratio_threshold is None or self.ratio_threshold > 1, "ratio_threshold", "use a value > 1 or null")
-        need(self.max_consecutive_skips >= 0, "max_consecutive_skips", "use a value >= 0")
-
-
-def default_optimizer(params: Any) -> torch.optim.Optimizer:
-    """AdamW with lr 1e-5 and eps 1e-5 (cleanrl / TRL PPO), used when the recipe names no optimizer."""
-    return torch.optim.AdamW(params, lr=1.0e-5, eps=1.0e-5)
-
-
-def _as_config(cls: type, value: Any) -> Any:
-    """``value`` as an instance of the config dataclass ``cls``: None gives the defaults, a dict (as stored in a
-    checkpoint's hyperparameters) is converted field by field, nested dataclasses included."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise TypeError(f"expected {cls.__name__}, a dict of its fields, or None; got {type(value).__name__}.")
-    hints = typing.get_type_hints(cls)
-    fields = {}
-    for name, item in value.items():
-        hint = hints.get(name)
-        fields[name] = _as_config(hint, item) if dataclasses.is_dataclass(hint) and isinstance(item, dict) else item
-    return cls(**fields)
-
-
-def _fully_shard(model: PolicyValueModel, mesh: Any) -> None:
-    """FSDP2: one unit per decoder layer of the policy (and of a full-fine-tuning reference), then the root.
-
-    Embeddings, final norm, ``lm_head`` and the value head stay in the root unit, so tied input/output embeddings
-    (Qwen2, Gemma) remain tied.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    for lm in (model.lm, model.ref_lm):
-        if lm is None:
-            continue
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        layer_types = set(getattr(base, "_no_split_modules", None) or ())
-        layers = [m for m in base.modules() if type(m).__name__ in layer_types]
-        if not layers:
-            raise ValueError(
-                f"cannot shard {type(base).__name__} with fsdp2: its _no_split_modules names no decoder layer class."
-            )
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def _get_rng_state(shuffle_generator: torch.Generator) -> dict[str, Any]:
-    """This process's random states as plain tensors and lists (loadable with ``weights_only=True``)."""
-    version, mt_state, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": [version, list(mt_state), gauss],
-        "shuffle": shuffle_generator.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], shuffle_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    shuffle_generator.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _GlobalStats:
-    """Accumulates (sum, count) pairs and reduces them across processes in one collective."""
-
-    def __init__(self) -> None:
-        self._sums: dict[str, list[Tensor | float]] = {}
-
-    def add(self, name: str, total: Tensor | float, count: Tensor | float = 1.0) -> None:
-        """Add ``total`` (a sum over ``count`` observations); tensors stay on their device until :meth:`reduce`."""
-        total = total.detach().double() if isinstance(total, Tensor) else float(total)
-        count = count.detach().double() if isinstance(count, Tensor) else float(count)
-        entry = self._sums.setdefault(name, [0.0, 0.0])
-        entry[0], entry[1] = entry[0] + total, entry[1] + count
-
-    def reduce(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> dict[str, float]:
-        names = list(self._sums)
-        if not names:
-            return {}
-        as_tensor = [torch.as_tensor(v, dtype=torch.float64, device=device) for n in names for v in self._sums[n]]
-        packed = reduce_sum(torch.stack(as_tensor).view(len(names), 2)).cpu()
-        return {n: float(packed[i, 0] / packed[i, 1]) if packed[i, 1] > 0 else math.nan for i, n in enumerate(names)}
 
 
 class PPOModule(LightningModule):
@@ -255,10 +72,10 @@ class PPOModule(LightningModule):
         eval_reward: Reward | Callable[[list[str], list[str]], Any] | None = None,
     ) -> None:
         super().__init__()
-        self.policy_config = _as_config(PolicyConfig, policy)
-        self.lora_config = _as_config(LoraConfig, lora)
-        self.generation = _as_config(GenerationConfig, generation)
-        self.ppo = _as_config(PPOConfig, ppo)
+        self.policy_config = as_config(PolicyConfig, policy)
+        self.lora_config = as_config(LoraConfig, lora)
+        self.generation = as_config(GenerationConfig, generation)
+        self.ppo = as_config(PPOConfig, ppo)
         # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True); __init__ accepts them back.
         self.save_hyperparameters(
             {
@@ -294,7 +111,7 @@ class PPOModule(LightningModule):
             return
         self.model = build_policy(self.policy_config, self.lora_config, self.tokenizer)
         if self.device_mesh is not None:  # ModelParallelStrategy / fsdp2: shard with FSDP2 over data-parallel ranks
-            _fully_shard(self.model, self.device_mesh["data_parallel"])
+            fully_shard_policy(self.model, self.device_mesh["data_parallel"])
 
     @property
     def sharded(self) -> bool:
@@ -359,7 +176,7 @@ class PPOModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         started = time.perf_counter()
         self._check_batch(batch)
-        stats = _GlobalStats()
+        stats = GlobalStats()
         # 1. rollout (no grad): sample responses; old and reference logprobs; values         -> rollout.py
         rollout = self._rollout(batch)
         # 2. score: reward on (prompt, response), then normalize / clip / missing-EOS penalty -> rewards.py
@@ -410,7 +227,7 @@ class PPOModule(LightningModule):
         rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _score(self, prompts: list[str], rollout: Rollout, stats: _GlobalStats) -> tuple[Rollout, RolloutSamples]:
+    def _score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples]:
         responses = self.decode_responses(rollout)
         raw = self.reward(
             prompts,
@@ -458,7 +275,7 @@ class PPOModule(LightningModule):
         moments.update_from_sums(self._all_reduce_sum(sums) if self.ppo.stats_scope == "global" else sums)
         return (raw - moments.mean) / (moments.std + SCORE_NORM_EPS)
 
-    def _shape_rewards(self, rollout: Rollout, stats: _GlobalStats) -> Rollout:
+    def _shape_rewards(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
         kl = F.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.ppo.kl_estimator)
         kl = torch.where(rollout.response_mask, kl, 0.0)
         rewards = F.token_rewards(rollout.scores, kl, rollout.response_mask, self.kl_ctl.value)
@@ -479,7 +296,7 @@ class PPOModule(LightningModule):
         var = (total_sq - count * mean**2) / (count - 1)
         return F.masked_whiten(advantages, mask, mean=mean, var=var)
 
-    def _advantages(self, rollout: Rollout, stats: _GlobalStats) -> Rollout:
+    def _advantages(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
         advantages, returns = F.gae(
             rollout.rewards, rollout.old_values, rollout.response_mask, self.ppo.gamma, self.ppo.gae_lambda
         )
@@ -495,7 +312,7 @@ class PPOModule(LightningModule):
         return dataclasses.replace(rollout, advantages=advantages, returns=returns)
 
     # ---------------------------------------------------------------------------------------------- the PPO update
-    def _ppo_update(self, rollout: Rollout, stats: _GlobalStats) -> None:
+    def _ppo_update(self, rollout: Rollout, stats: GlobalStats) -> None:
         optimizer = self.optimizers()
         self._iteration_counted = False
         applied = skipped = 0
@@ -524,7 +341,7 @@ class PPOModule(LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-    def _accumulate_gradients(self, minibatch: Rollout, stats: _GlobalStats) -> dict[str, float]:
+    def _accumulate_gradients(self, minibatch: Rollout, stats: GlobalStats) -> dict[str, float]:
         """Backward over the minibatch in micro-batches; returns its global (all-process) loss statistics."""
         micro = self.ppo.micro_batch_size or len(minibatch)
         # token-mean over the *global* minibatch: data-parallel gradients are averaged over processes, so each
@@ -533,7 +350,7 @@ class PPOModule(LightningModule):
         tokens = minibatch.response_mask.sum().double()
         if self.ppo.stats_scope == "global":
             tokens = self._all_reduce_sum(tokens) / self.trainer.world_size
-        minibatch_stats = _GlobalStats()
+        minibatch_stats = GlobalStats()
         for start in range(0, len(minibatch), micro):
             part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
@@ -547,7 +364,7 @@ class PPOModule(LightningModule):
         minibatch_stats.add("policy/grad_norm", self._grad_norm())
         return minibatch_stats.reduce(self._all_reduce_sum, self.device)
 
-    def _apply_update(self, optimizer: Any, minibatch_stats: dict[str, float], stats: _GlobalStats) -> bool:
+    def _apply_update(self, optimizer: Any, minibatch_stats: dict[str, float], stats: GlobalStats) -> bool:
         """Clip and step, unless the loss or gradient is not finite or the ratio is past ``ratio_threshold``.
 
         Every input to the decision is a global value, so all processes take the same branch.
@@ -576,7 +393,7 @@ class PPOModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)
         return True
 
-    def _loss(self, part: Rollout, stats: _GlobalStats, minibatch_stats: _GlobalStats) -> Tensor:
+    def _loss(self, part: Rollout, stats: GlobalStats, minibatch_stats: GlobalStats) -> Tensor:
         assert self.model is not None
         out = forward_response(
             self.model,
@@ -649,7 +466,7 @@ class PPOModule(LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum")
 
-    def _log_and_control(self, rollout: Rollout, stats: _GlobalStats, rollout_seconds: float, seconds: float) -> None:
+    def _log_and_control(self, rollout: Rollout, stats: GlobalStats, rollout_seconds: float, seconds: float) -> None:
         stats.add("perf/_gen_tokens", rollout.response_mask.sum(), 1.0)
         metrics = stats.reduce(self._all_reduce_sum, self.device)
         score_sq = metrics.pop("rollout/_score_sq")
@@ -695,7 +512,7 @@ class PPOModule(LightningModule):
         self.score_moments.load_state_dict(state["score_moments"])
         rng, world_size = state["rng"], self.trainer.world_size if self._trainer is not None else 1
         if len(rng) == world_size:
-            _set_rng_state(rng[self.global_rank], self.shuffle_generator)
+            set_rng_state(rng[self.global_rank], self.shuffle_generator)
         else:
             rank_zero_warn(
                 f"The checkpoint holds random states of {len(rng)} processes, this run has {world_size}: "
@@ -711,7 +528,7 @@ class PPOModule(LightningModule):
         }
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:
-        state = _get_rng_state(self.shuffle_generator)
+        state = get_rng_state(self.shuffle_generator)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return [state]
         states: list[Any] = [None] * torch.distributed.get_world_size()

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf import functional as F
+from lightning_rlhf.config import as_config
 from lightning_rlhf.models import BYTE_TOKENIZER, LoraConfig, TinyModelConfig, _check_dtype, build_tiny
-from lightning_rlhf.module import _as_config
 
 METRICS = ("loss", "accuracy", "margin")
 """Logged under ``train/`` and ``val/``."""
@@ -167,8 +167,8 @@ class RewardModelModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.reward_model_config = _as_config(RewardModelConfig, reward_model)
-        self.lora_config = _as_config(LoraConfig, lora)
+        self.reward_model_config = as_config(RewardModelConfig, reward_model)
+        self.lora_config = as_config(LoraConfig, lora)
         self.save_hyperparameters(
             {
                 "reward_model": dataclasses.asdict(self.reward_model_config),

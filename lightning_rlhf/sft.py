@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf import functional as F
+from lightning_rlhf.config import as_config
 from lightning_rlhf.models import (
     LoraConfig,
     PolicyConfig,
@@ -40,7 +41,6 @@ from lightning_rlhf.models import (
     _tiny_llama,
     load_tokenizer,
 )
-from lightning_rlhf.module import _as_config
 
 
 def default_sft_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -90,8 +90,8 @@ class SFTModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.policy_config = _as_config(PolicyConfig, policy)
-        self.lora_config = _as_config(LoraConfig, lora)
+        self.policy_config = as_config(PolicyConfig, policy)
+        self.lora_config = as_config(LoraConfig, lora)
         self.save_hyperparameters(
             {
                 "policy": dataclasses.asdict(self.policy_config),

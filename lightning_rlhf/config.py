@@ -1,0 +1,130 @@
+"""Configuration of PPO: ``PPOConfig`` (validated, documented field by field) and helpers shared by the stages.
+
+Pure: no Lightning import, so recipes parse and configs validate without building anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+import torch
+
+from lightning_rlhf import functional as F
+
+ScoreNorm = Literal["none", "batch", "running"]
+SCORE_NORMS: tuple[str, ...] = ("none", "batch", "running")
+SCORE_NORM_EPS = 1e-8
+"""Added to the score standard deviation before dividing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO and RLHF hyperparameters. Defaults follow TRL / cleanrl unless a comment says otherwise."""
+
+    clip_coef: float = 0.2
+    """Policy ratio clip epsilon (PPO paper, TRL `cliprange`)."""
+    dual_clip_coef: float | None = None
+    """Dual-clip c > 1 for negative advantages (Ye et al. 2020); None disables it."""
+    value_clip_coef: float | None = 0.2
+    """Clip of the value prediction around the rollout value (TRL `cliprange_value`); None = unclipped value loss."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss (TRL default 0.1)."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus (0 = off, as in TRL, verl, OpenRLHF)."""
+    kl_coef: float = 0.05
+    """Initial beta of the per-token KL penalty in the reward (TRL default 0.05)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward: k1 (unbiased), k2 (>= 0, biased) or k3 (unbiased, >= 0)."""
+    target_kl: float | None = None
+    """Target per-sequence KL (nats) of the adaptive controller; None keeps ``kl_coef`` fixed."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller in samples (Ziegler et al. 2019 use 10000)."""
+    gamma: float = 1.0
+    """Discount factor over response tokens."""
+    gae_lambda: float = 0.95
+    """GAE lambda (TRL / DeepSpeed-Chat default)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the rollout's real tokens (zero mean, unit variance)."""
+    stats_scope: Literal["global", "local"] = "global"
+    """Over which data the advantage-whitening and score-normalization moments and the token-mean loss denominator
+    are taken: ``global`` (all processes: results do not depend on the number of devices) or ``local`` (each
+    process alone, as in TRL and cleanrl: no extra collective)."""
+    score_norm: Literal["none", "batch", "running"] = "none"
+    """Score normalization: none, batch (standardize per rollout) or running (standardize with running moments)."""
+    score_clip: float | None = None
+    """Clip normalized scores to [-score_clip, score_clip]; None = no clip."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that hit ``max_new_tokens`` without a stop token (TRL)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    num_minibatches: int = 1
+    """Optimizer steps per PPO epoch; must divide the per-device rollout batch size."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward (gradient accumulation within a minibatch); None = the whole minibatch."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value before each optimizer step; None = no clipping."""
+    early_stop_kl: float | None = None
+    """Stop a rollout's remaining PPO updates once a minibatch's approx KL (k3, nats per token, global mean) exceeds
+    this (cleanrl ``target_kl``, TRL <= 0.11 ``early_stopping``); None = off."""
+    ratio_threshold: float | None = None
+    """Skip a minibatch's optimizer step when its mean ratio pi / pi_old exceeds this (TRL <= 0.11: 10); None = off."""
+    max_consecutive_skips: int = 10
+    """Skipped updates (non-finite loss or gradient, ratio threshold) in a row before training stops with an
+    error."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """How per-token losses become one number: token-mean (all real tokens) or seq-mean-token-mean."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, fix: str) -> None:
+            if not ok:
+                raise ValueError(f"ppo.{field}={getattr(self, field)!r} is invalid: {fix}.")
+
+        need(self.kl_estimator in F.KL_ESTIMATORS, "kl_estimator", f"choose one of {F.KL_ESTIMATORS}")
+        need(self.aggregation in F.AGGREGATIONS, "aggregation", f"choose one of {F.AGGREGATIONS}")
+        need(self.score_norm in SCORE_NORMS, "score_norm", f"choose one of {SCORE_NORMS}")
+        need(self.stats_scope in ("global", "local"), "stats_scope", "choose 'global' or 'local'")
+        need(self.clip_coef > 0, "clip_coef", "use a positive clip range such as 0.2")
+        need(
+            self.dual_clip_coef is None or self.dual_clip_coef > 1,
+            "dual_clip_coef",
+            "use a value > 1 (e.g. 3.0) or null",
+        )
+        need(self.value_clip_coef is None or self.value_clip_coef > 0, "value_clip_coef", "use a value > 0 or null")
+        need(self.vf_coef >= 0, "vf_coef", "use a value >= 0")
+        need(self.kl_coef >= 0, "kl_coef", "use a value >= 0")
+        need(self.target_kl is None or self.target_kl > 0, "target_kl", "use a positive KL in nats, or null for fixed")
+        need(self.kl_horizon > 0, "kl_horizon", "use a positive number of samples")
+        need(0 <= self.gamma <= 1, "gamma", "use a discount in [0, 1]")
+        need(0 <= self.gae_lambda <= 1, "gae_lambda", "use a lambda in [0, 1]")
+        need(self.score_clip is None or self.score_clip > 0, "score_clip", "use a value > 0 or null")
+        need(self.ppo_epochs >= 1, "ppo_epochs", "use at least 1")
+        need(self.num_minibatches >= 1, "num_minibatches", "use at least 1")
+        need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "use >= 1 or null")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a value > 0 or null")
+        need(self.early_stop_kl is None or self.early_stop_kl > 0, "early_stop_kl", "use a value > 0 or null")
+        need(self.ratio_threshold is None or self.ratio_threshold > 1, "ratio_threshold", "use a value > 1 or null")
+        need(self.max_consecutive_skips >= 0, "max_consecutive_skips", "use a value >= 0")
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW with lr 1e-5 and eps 1e-5 (cleanrl / TRL PPO), used when the recipe names no optimizer."""
+    return torch.optim.AdamW(params, lr=1.0e-5, eps=1.0e-5)
+
+
+def as_config(cls: type, value: Any) -> Any:
+    """``value`` as an instance of the config dataclass ``cls``: None gives the defaults, a dict (as stored in a
+    checkpoint's hyperparameters) is converted field by field, nested dataclasses included."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"expected {cls.__name__}, a dict of its fields, or None; got {type(value).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for name, item in value.items():
+        hint = hints.get(name)
+        fields[name] = as_config(hint, item) if dataclasses.is_dataclass(hint) and isinstance(item, dict) else item
+    return cls(**fields)
