@@ -167,6 +167,7 @@ class PPOModule(LightningModule):
             self.reward_fn,
             prompts,
             responses,
+            allow_non_finite=True,  # the caller decides: an error on the first iteration, a skipped one later
             prompt_ids=prompt_ids,
             response_ids=response_ids,
             response_mask=response_mask,
@@ -180,7 +181,11 @@ class PPOModule(LightningModule):
         # 1. rollout (no grad): sample responses; old and reference logprobs; values         -> rollout.py
         rollout = self._rollout(batch)
         # 2. score: reward on (prompt, response), then normalize / clip / missing-EOS penalty -> rewards.py
-        rollout, samples = self._score(batch["prompts"], rollout, stats)
+        scored = self._score(batch["prompts"], rollout, stats)
+        if scored is None:  # non-finite scores after the first iteration: no update from this rollout
+            self._skip_iteration()
+            return
+        rollout, samples = scored
         # 3. shape: per-token reward = score at last token - kl_coef * KL                   -> functional.token_rewards
         rollout = self._shape_rewards(rollout, stats)
         # 4. advantages: GAE, then masked whitening                                         -> functional.gae
@@ -227,7 +232,12 @@ class PPOModule(LightningModule):
         rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples]:
+    def _score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples] | None:
+        """Score the rollout; None when, after the first iteration, any process got a NaN or infinite score.
+
+        On the first iteration every problem with the scores (non-finite included) raises, so a broken reward stops
+        the run before any weight moves; later, a rare non-finite score skips one iteration instead of a long run.
+        """
         responses = self.decode_responses(rollout)
         raw = self.reward(
             prompts,
@@ -236,7 +246,13 @@ class PPOModule(LightningModule):
             response_ids=rollout.response_ids,
             response_mask=rollout.response_mask,
         )
-        raw = validate_scores(raw, len(rollout), f"{type(self).__name__}.reward").to(self.device)
+        source = f"{type(self).__name__}.reward"
+        raw = validate_scores(raw, len(rollout), source, allow_non_finite=True).to(self.device)
+        non_finite = not bool(torch.isfinite(raw).all())
+        if self.global_step > 0 and self._any_process(non_finite):
+            return None
+        if non_finite:
+            validate_scores(raw, len(rollout), source)  # raises, naming the rows
         scores = self.process_scores(raw, rollout.ended)
         lengths = rollout.response_mask.sum(-1).float()
         stats.add("rollout/score", raw.sum(), raw.numel())
@@ -310,6 +326,25 @@ class PPOModule(LightningModule):
         stats.add("value/_residual", F.masked_sum(residual.double(), mask), n_tokens)
         stats.add("value/_residual_sq", F.masked_sum(residual.double().square(), mask), n_tokens)
         return dataclasses.replace(rollout, advantages=advantages, returns=returns)
+
+    def _any_process(self, flag: bool) -> bool:
+        """True when ``flag`` is True on any process (every process must call this at the same point)."""
+        return bool(self._all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
+
+    def _skip_iteration(self) -> None:
+        """Count a rollout whose scores were not finite: no update, but the iteration still advances the step."""
+        self._consecutive_skips += 1
+        if self._consecutive_skips > self.ppo.max_consecutive_skips:
+            raise RuntimeError(
+                f"{self._consecutive_skips} consecutive PPO iterations or updates were skipped, the last because the "
+                "reward returned NaN or infinite scores. Fix the reward (guard divisions, clip logits) or raise "
+                "ppo.max_consecutive_skips."
+            )
+        rank_zero_warn("Skipping a PPO iteration: the reward returned NaN or infinite scores.", category=RuntimeWarning)
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # no gradients: parameters stay, but trainer.global_step counts the iteration
+        self.log("rollout/skipped", 1.0, on_step=True, on_epoch=False, batch_size=1)
 
     # ---------------------------------------------------------------------------------------------- the PPO update
     def _ppo_update(self, rollout: Rollout, stats: GlobalStats) -> None:

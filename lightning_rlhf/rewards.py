@@ -84,7 +84,7 @@ def _rows(index: Tensor) -> str:
     return shown + (f", ... ({len(rows)} rows)" if len(rows) > _MAX_ROWS_IN_MESSAGE else "")
 
 
-def validate_scores(scores: Any, batch_size: int, source: str) -> Tensor:
+def validate_scores(scores: Any, batch_size: int, source: str, allow_non_finite: bool = False) -> Tensor:
     """Check the output of a reward and return it as a detached ``(B,)`` float32 tensor.
 
     Lists, tuples and NumPy arrays of numbers are converted with ``torch.as_tensor`` (and then checked like tensors);
@@ -94,6 +94,7 @@ def validate_scores(scores: Any, batch_size: int, source: str) -> Tensor:
         scores: what the reward returned.
         batch_size: B, the number of (prompt, response) pairs scored.
         source: the reward's name, used in error messages.
+        allow_non_finite: let NaN and infinity through (the caller decides what to do with them).
 
     Returns:
         (B,) float32 tensor on the device ``scores`` was on.
@@ -125,7 +126,7 @@ def validate_scores(scores: Any, batch_size: int, source: str) -> Tensor:
             f"(convert with .float())."
         )
     scores = scores.detach().float()
-    if not torch.isfinite(scores).all():
+    if not allow_non_finite and not torch.isfinite(scores).all():
         found = "; ".join(
             f"{kind} in rows {_rows(rows)}"
             for kind, rows in (
@@ -147,7 +148,11 @@ def reward_name(reward: Callable[..., Any]) -> str:
 
 
 def call_reward(
-    reward: Callable[..., Any], prompts: list[str], responses: list[str], **tensors: Tensor | None
+    reward: Callable[..., Any],
+    prompts: list[str],
+    responses: list[str],
+    allow_non_finite: bool = False,
+    **tensors: Tensor | None,
 ) -> Tensor:
     """Call ``reward`` and return its validated ``(B,)`` float32 scores.
 
@@ -158,6 +163,7 @@ def call_reward(
         reward: a :class:`Reward` or a plain callable ``(prompts, responses) -> scores``.
         prompts: the B prompt texts.
         responses: the B response texts.
+        allow_non_finite: passed to :func:`validate_scores`.
         **tensors: token tensors passed on to a :class:`Reward`.
 
     Returns:
@@ -174,7 +180,7 @@ def call_reward(
         scores = reward(prompts, responses, **tensors) if isinstance(reward, Reward) else reward(prompts, responses)
     except Exception as err:
         raise RuntimeError(f"reward {name} raised {type(err).__name__}: {err}") from err
-    return validate_scores(scores, len(prompts), name)
+    return validate_scores(scores, len(prompts), name, allow_non_finite=allow_non_finite)
 
 
 class RewardModelScorer(Reward):

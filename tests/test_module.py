@@ -423,3 +423,52 @@ def test_rl_phase_hooks_are_called_in_order():
     assert all(isinstance(r, str) for r in samples.responses)
     torch.testing.assert_close(samples.raw_scores, CharFractionReward()(samples.prompts, samples.responses))
     assert {"policy/approx_kl", "policy/clipfrac", "loss/total", "policy/grad_norm"} <= set(recorder.calls[1][3])
+
+
+class FlakyReward(Reward):
+    """Finite scores, except NaN on the calls listed in ``nan_calls`` (0-based)."""
+
+    def __init__(self, nan_calls):
+        self.nan_calls = set(nan_calls)
+        self.calls = 0
+
+    def __call__(self, prompts, responses, **tensors):
+        scores = CharFractionReward()(prompts, responses)
+        if self.calls in self.nan_calls:
+            scores[0] = float("nan")
+        self.calls += 1
+        return scores
+
+
+class SnapshotEachStep(Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.weights.append(snapshot(module))
+
+
+def test_non_finite_score_after_the_first_iteration_skips_that_iteration():
+    snapshots = SnapshotEachStep()
+    module = make_module(reward=FlakyReward(nan_calls={1}))
+    trainer = Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[snapshots],
+    )
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    assert trainer.global_step == 3  # the skipped iteration still counts
+    first, skipped, third = snapshots.weights
+    assert all(torch.equal(first[n], skipped[n]) for n in first)  # iteration 2 moved nothing
+    assert any(not torch.equal(skipped[n], third[n]) for n in first)  # iteration 3 trained again
+    assert module._consecutive_skips == 0
+
+
+def test_persistently_non_finite_scores_stop_the_run():
+    module = make_module(reward=FlakyReward(nan_calls=set(range(1, 100))), ppo=PPOConfig(max_consecutive_skips=2))
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="3 consecutive"):
+        fit(module, steps=10)
