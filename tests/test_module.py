@@ -472,3 +472,19 @@ def test_persistently_non_finite_scores_stop_the_run():
     module = make_module(reward=FlakyReward(nan_calls=set(range(1, 100))), ppo=PPOConfig(max_consecutive_skips=2))
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="3 consecutive"):
         fit(module, steps=10)
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.5])
+def test_entropy_bonus_changes_the_update_only_when_weighted(ent_coef):
+    def run(coef):
+        seed_everything(0, verbose=False)
+        module = make_module(
+            generation=GenerationConfig(max_new_tokens=5, do_sample=False),
+            ppo=PPOConfig(ppo_epochs=1, num_minibatches=1, ent_coef=coef),
+        )
+        fit(module)
+        return snapshot(module)
+
+    baseline, weighted = run(0.0), run(ent_coef)
+    same = all(torch.equal(baseline[n], weighted[n]) for n in baseline)
+    assert same == (ent_coef == 0.0)
