@@ -1,0 +1,558 @@
+"""Seconds per PPO iteration, split by phase, for the shared-backbone design and a TRL-style separate-models design.
+
+Prints one JSON line per run. Two designs at the same model config (``--design``):
+
+- ``shared`` (this package): :func:`lightning_rlhf.models.build_policy`. One backbone serves the policy (LoRA), the
+  reference (adapter disabled; a frozen copy with ``--full``) and the critic (value head on the policy's final hidden
+  state). Rollout: generate, one forward for old logprobs *and* values, one reference forward. Update: one forward and
+  backward per minibatch.
+- ``separate`` (TRL-style): the policy LM (LoRA, or full), a frozen copy of the base model as the reference, and a
+  critic with its own full backbone and a value head (TRL's ``AutoModelForSequenceClassification`` value model),
+  trained jointly with one optimizer. Rollout: generate, a policy forward and a critic forward, a reference forward.
+  Update: a policy forward and a critic forward (and both backwards) per minibatch. :class:`SeparatePolicyValue` has
+  the call interface of ``PolicyValueModel``, so the same ``generate_rollout`` and ``forward_response`` drive both.
+
+Two modes:
+
+- direct (default): drives one iteration's phases itself and times each. The rollout is the package's own
+  ``generate_rollout`` unchanged; forward hooks on the model mark where generation ends and the reference forward
+  starts. The update is ``PPOModule._ppo_update``'s computation (``forward_response``, ``policy_loss``,
+  ``value_loss``, entropy, backward, the logged grad norm, ``clip_grad_norm_``, AdamW step) without its metric
+  bookkeeping and without Lightning.
+- ``--trainer``: whole ``trainer.fit`` iterations of ``PPOModule``; reports its ``perf/iteration_sec`` and
+  ``perf/rollout_sec`` metrics and the wall time of each ``training_step`` as a cross-check.
+
+Equal token counts: ``lightning_rlhf.rollout`` has no ``min_new_tokens`` setting (it passes ``min_new_tokens=0``), so
+the rollout is given an EOS id equal to the vocabulary size, which the model cannot sample: every response is exactly
+``--max-new-tokens`` long in both designs. The script checks this.
+
+Run ``python benchmarks/ppo_iteration.py --help`` for the options; ``benchmarks/README.md`` has measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import random
+import resource
+import statistics
+import string
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rlhf import functional as F
+from lightning_rlhf.config import PPOConfig
+from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.models import (
+    LoraConfig,
+    PolicyConfig,
+    PolicyValueModel,
+    TinyModelConfig,
+    _attach_lora,
+    build_policy,
+)
+from lightning_rlhf.module import PPOModule
+from lightning_rlhf.rewards import CharFractionReward, validate_scores
+from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout
+from lightning_rlhf.types import Rollout
+
+DESIGNS: tuple[str, ...] = ("shared", "separate")
+PROMPT_CHARS = string.ascii_lowercase + " "
+"""Prompt alphabet: one byte, so one ByT5 token, per character."""
+ADAPTER_MARKERS: tuple[str, ...] = ("lora_", "modules_to_save")
+"""Parameter-name parts of peft's adapter weights, which the adapter-disabled reference does not use."""
+
+
+# ---------------------------------------------------------------------------------------------- the separate design
+class SeparatePolicyValue(nn.Module):
+    """TRL-style roles in separate networks, behind ``PolicyValueModel``'s call interface.
+
+    ``mode="policy"`` runs the policy LM for the logits and the critic's own backbone for the values (two backbone
+    forwards); ``mode="ref"`` runs the frozen reference copy; ``mode="generate"`` samples from the policy. Each backbone
+    forward reuses ``PolicyValueModel``'s decoder and ``lm_head`` helpers, so a role costs exactly what it costs in the
+    shared design and only the number of backbones differs.
+    """
+
+    def __init__(self, lm: nn.Module, ref_lm: nn.Module, critic: nn.Module, value_head: nn.Linear) -> None:
+        super().__init__()
+        self.lm = lm
+        """The policy: ``peft.PeftModel`` (LoRA) or the causal LM (full)."""
+        self.ref_lm = ref_lm.requires_grad_(False).eval()
+        """Frozen copy of the base causal LM."""
+        self.critic = critic
+        """The critic's own decoder (no ``lm_head``), trained in full as TRL trains its value model."""
+        self.value_head = value_head
+        """Final hidden state of ``critic`` -> V(s), float32."""
+        self.seconds: Counter[str] = Counter()
+        """Seconds spent in the policy and the critic part of ``mode="policy"`` calls (read and cleared by callers)."""
+        self.clock: Callable[[], float] = time.perf_counter
+
+    def train(self, mode: bool = True) -> SeparatePolicyValue:
+        super().train(mode)
+        self.ref_lm.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        mode: str = "policy",
+        logits_slice: tuple[int, int] | None = None,
+        **generate_kwargs: Any,
+    ) -> tuple[Tensor, Tensor] | Tensor:
+        attention_mask = attention_mask.long()
+        if mode == "generate":
+            return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        if mode == "ref":
+            return PolicyValueModel._logits(
+                self.ref_lm, PolicyValueModel._hidden(self.ref_lm, input_ids, attention_mask, logits_slice)
+            )
+        started = self.clock()
+        policy = PolicyValueModel._causal_lm(self.lm)
+        logits = PolicyValueModel._logits(
+            policy, PolicyValueModel._hidden(policy, input_ids, attention_mask, logits_slice)
+        )
+        middle = self.clock()
+        # LlamaModel.get_decoder() is the model itself, so _hidden runs the critic's decoder.
+        hidden = PolicyValueModel._hidden(self.critic, input_ids, attention_mask, logits_slice)
+        values = self.value_head(hidden.float()).squeeze(-1)
+        self.seconds["policy"] += middle - started
+        self.seconds["critic"] += self.clock() - middle
+        return logits, values
+
+
+def build_separate(cfg: PolicyConfig, lora: LoraConfig, tokenizer: Any) -> SeparatePolicyValue:
+    """Policy, reference copy and critic backbone from one random init (the same init ``build_policy`` draws)."""
+    full = build_policy(cfg, LoraConfig(enabled=False), tokenizer)  # trainable LM, frozen copy, value head
+    critic = copy.deepcopy(full.lm.get_decoder()).requires_grad_(True)
+    lm = _attach_lora(full.lm, lora) if lora.enabled else full.lm  # the adapter build_policy attaches
+    return SeparatePolicyValue(lm, full.ref_lm, critic, full.value_head)
+
+
+def build_model(design: str, cfg: PolicyConfig, lora: LoraConfig, tokenizer: Any) -> nn.Module:
+    if design == "shared":
+        return build_policy(cfg, lora, tokenizer)
+    return build_separate(cfg, lora, tokenizer)
+
+
+# -------------------------------------------------------------------------------------------- parameter accounting
+def _unique_bytes(params: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages among ``params`` (a tensor reached twice counts once)."""
+    return sum({p.data_ptr(): p.numel() * p.element_size() for p in params}.values())
+
+
+def role_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
+    """The parameters each role reads in a forward: policy, reference and critic."""
+    if isinstance(model, SeparatePolicyValue):
+        return {
+            "policy": list(model.lm.parameters()),
+            "reference": list(model.ref_lm.parameters()),
+            "critic": [*model.critic.parameters(), *model.value_head.parameters()],
+        }
+    assert isinstance(model, PolicyValueModel)
+    if model.ref_lm is not None:
+        reference = list(model.ref_lm.parameters())
+    else:  # adapter disabled: the base weights only
+        reference = [p for n, p in model.lm.named_parameters() if not any(m in n for m in ADAPTER_MARKERS)]
+    decoder = PolicyValueModel._causal_lm(model.lm).get_decoder()
+    return {
+        "policy": list(model.lm.parameters()),
+        "reference": reference,
+        "critic": [*decoder.parameters(), *model.value_head.parameters()],
+    }
+
+
+def parameter_bytes(model: nn.Module) -> dict[str, int]:
+    roles = role_parameters(model)
+    out = {role: _unique_bytes(params) for role, params in roles.items()}
+    out["all_roles_unique"] = _unique_bytes(p for params in roles.values() for p in params)
+    out["trainable"] = _unique_bytes(p for p in model.parameters() if p.requires_grad)
+    return out
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _unique_bytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor))
+
+
+# ----------------------------------------------------------------------------------------------------------- timing
+def make_clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter``, after waiting for queued CUDA work so a phase's time includes its kernels."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+class ModeMarks:
+    """Records when each ``model(..., mode=...)`` call starts and ends, through forward hooks.
+
+    ``generate_rollout`` calls the model with ``mode="generate"``, then ``"policy"``, then ``"ref"``; the marks split
+    its wall time into three phases without changing the code it runs.
+    """
+
+    def __init__(self, model: nn.Module, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.marks: dict[tuple[str, str], float] = {}
+        self.active = False
+        model.register_forward_pre_hook(self._start, with_kwargs=True)
+        model.register_forward_hook(self._end, with_kwargs=True)
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.active:
+            self.marks["start", kwargs.get("mode", "policy")] = self.clock()
+
+    def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.active:
+            self.marks["end", kwargs.get("mode", "policy")] = self.clock()
+
+    def split(self, started: float, ended: float) -> dict[str, float]:
+        """Phase seconds: generate (to the end of generation, cut at the stop token excluded), old logprobs and
+        values (to the start of the reference forward), reference (to the end of the rollout)."""
+        generated, ref_started = self.marks["end", "generate"], self.marks["start", "ref"]
+        if not started <= generated <= self.marks["start", "policy"] <= ref_started <= ended:
+            raise RuntimeError(f"generate_rollout called the model in an unexpected order: {self.marks}")
+        return {
+            "generate": generated - started,
+            "old_logprobs_values_forward": ref_started - generated,
+            "ref_forward": ended - ref_started,
+        }
+
+
+# -------------------------------------------------------------------------------------------------------- the setup
+def make_prompts(count: int, min_len: int, max_len: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lengths = [rng.randint(min_len, max_len) for _ in range(count)]
+    # A letter first, so no prompt is only spaces (PromptDataModule refuses blank prompts).
+    return [rng.choice(string.ascii_lowercase) + "".join(rng.choices(PROMPT_CHARS, k=n - 1)) for n in lengths]
+
+
+def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    tiny = TinyModelConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+    )
+    return {
+        "policy": PolicyConfig(tiny=tiny),
+        "lora": LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
+        "generation": GenerationConfig(max_new_tokens=args.max_new_tokens),
+        "ppo": PPOConfig(ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches),
+        "reward": CharFractionReward(),
+    }
+
+
+def unreachable_eos(tokenizer: Any) -> int:
+    """A token id the LM cannot sample (its logits have ``len(tokenizer)`` columns), so no response stops early."""
+    return len(tokenizer)
+
+
+class BenchPPOModule(PPOModule):
+    """``PPOModule`` with a choice of design and responses that never stop before ``max_new_tokens``."""
+
+    def __init__(self, design: str = "shared", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.design = design
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build_model(self.design, self.policy_config, self.lora_config, self.tokenizer)
+
+    def _rollout(self, batch: dict[str, Any]) -> Rollout:
+        assert self.model is not None
+        return generate_rollout(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.generation,
+            eos_token_id=unreachable_eos(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id,
+            micro_batch_size=self.ppo.micro_batch_size,
+        )
+
+
+def check_full_length(rollout: Rollout, max_new_tokens: int) -> None:
+    if rollout.response_ids.shape[1] != max_new_tokens or not bool(rollout.response_mask.all()):
+        raise RuntimeError("A response stopped before max_new_tokens; the designs would see different token counts.")
+
+
+# ---------------------------------------------------------------------------------------------------- direct mode
+def score_and_advantages(module: PPOModule, prompts: list[str], rollout: Rollout, clock: Callable[[], float]):
+    """Steps 2-4 of ``PPOModule.training_step`` without the metric bookkeeping; returns (rollout, seconds)."""
+    started = clock()
+    raw = module.reward(
+        prompts,
+        module.decode_responses(rollout),
+        prompt_ids=rollout.prompt_ids,
+        response_ids=rollout.response_ids,
+        response_mask=rollout.response_mask,
+    )
+    scores = module.process_scores(validate_scores(raw, len(rollout), "reward").to(module.device), rollout.ended)
+    scored = clock()
+    ppo, mask = module.ppo, rollout.response_mask
+    kl = torch.where(mask, F.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, ppo.kl_estimator), 0.0)
+    rewards = F.token_rewards(scores, kl, mask, module.kl_ctl.value)
+    advantages, returns = F.gae(rewards, rollout.old_values, mask, ppo.gamma, ppo.gae_lambda)
+    if ppo.whiten_advantages:
+        advantages = F.masked_whiten(advantages, mask)
+    rollout = dataclasses.replace(
+        rollout, scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns
+    )
+    return rollout, {"score": scored - started, "advantages": clock() - scored}
+
+
+def minibatch_loss(module: PPOModule, part: Rollout) -> Tensor:
+    """``PPOModule._loss`` without the metric bookkeeping."""
+    ppo, temperature = module.ppo, module.generation.temperature
+    out = forward_response(
+        module.model, part.prompt_ids, part.prompt_mask, part.response_ids, part.response_mask, temperature
+    )
+    pg_loss, _ = F.policy_loss(
+        out.logprobs,
+        part.old_logprobs,
+        part.advantages,
+        part.response_mask,
+        ppo.clip_coef,
+        ppo.dual_clip_coef,
+        ppo.aggregation,
+    )
+    vf_loss, _ = F.value_loss(
+        out.values, part.old_values, part.returns, part.response_mask, ppo.value_clip_coef, ppo.aggregation
+    )
+    with torch.set_grad_enabled(ppo.ent_coef > 0 and torch.is_grad_enabled()):  # as PPOModule._loss (commit 7d2f323)
+        token_entropy = F.entropy_from_logits(out.logits, temperature)
+    entropy = F.aggregate(token_entropy, part.response_mask, ppo.aggregation)
+    return pg_loss + ppo.vf_coef * vf_loss - ppo.ent_coef * entropy
+
+
+def ppo_update(
+    module: PPOModule, rollout: Rollout, optimizer: torch.optim.Optimizer, clock: Callable[[], float]
+) -> dict[str, float]:
+    """``PPOModule._ppo_update`` at its defaults (one micro-batch per minibatch, no early stop) outside Lightning.
+
+    Returns:
+        Seconds per sub-phase, summed over the minibatches.
+    """
+    ppo = module.ppo
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    seconds: Counter[str] = Counter()
+    for _ in range(ppo.ppo_epochs):
+        for minibatch in rollout.minibatches(ppo.num_minibatches, module.shuffle_generator):
+            t0 = clock()
+            loss = minibatch_loss(module, minibatch)
+            t1 = clock()
+            loss.backward()
+            t2 = clock()
+            # PPOModule._grad_norm (logged as policy/grad_norm), read on the host with the loss for the skip check.
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not (math.isfinite(float(grad_norm)) and math.isfinite(float(loss))):
+                raise RuntimeError("non-finite loss or gradient norm; the timing would not be of a normal update")
+            if ppo.max_grad_norm is not None:  # what Lightning's clip_gradients(..., "norm") calls
+                torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+            t3 = clock()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t4 = clock()
+            seconds.update(forward_loss=t1 - t0, backward=t2 - t1, grad_norm_clip=t3 - t2, optimizer_step=t4 - t3)
+    return dict(seconds)
+
+
+def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str]) -> dict[str, Any]:
+    module = PPOModule(**make_module_kwargs(args))
+    module.model = build_model(args.design, module.policy_config, module.lora_config, module.tokenizer)
+    module.to(device).train()
+    optimizer = module.configure_optimizers()
+    module.shuffle_generator.manual_seed(args.seed)
+    clock = make_clock(device)
+    marks = ModeMarks(module.model, clock)
+    if isinstance(module.model, SeparatePolicyValue):
+        module.model.clock = clock
+    data = PromptDataModule(prompts=prompts, batch_size=args.batch, shuffle=False, tokenizer=module.tokenizer)
+    data.setup("fit")
+    eos, pad = unreachable_eos(module.tokenizer), module.tokenizer.pad_token_id
+    iterations: list[dict[str, float]] = []
+    for batch in data.train_dataloader():
+        prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
+        module.model.zero_grad(set_to_none=True)
+        seconds: dict[str, float] = {}
+        split = getattr(module.model, "seconds", None)
+        started = clock()
+        marks.active = True
+        rollout = generate_rollout(
+            module.model, prompt_ids, prompt_mask, module.generation, eos_token_id=eos, pad_token_id=pad
+        )
+        rolled = clock()
+        marks.active = False
+        seconds |= marks.split(started, rolled)
+        if split is not None:  # the separate design's policy and critic forwards inside old_logprobs_values_forward
+            seconds |= {f"rollout_{k}_forward": v for k, v in split.items()}
+            split.clear()
+        check_full_length(rollout, args.max_new_tokens)
+        rollout, score_seconds = score_and_advantages(module, batch["prompts"], rollout, clock)
+        seconds |= score_seconds
+        update_started = clock()
+        update_seconds = ppo_update(module, rollout, optimizer, clock)
+        seconds["update"] = clock() - update_started
+        seconds |= {f"update_{k}": v for k, v in update_seconds.items()}
+        if split is not None:
+            seconds |= {f"update_{k}_forward": v for k, v in split.items()}
+            split.clear()
+        seconds["total"] = clock() - started
+        iterations.append(seconds)
+    return {
+        "iterations": iterations,
+        "vocab": len(module.tokenizer),
+        "param_bytes": parameter_bytes(module.model),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- trainer mode
+def run_trainer(args: argparse.Namespace, device: torch.device, prompts: list[str]) -> dict[str, Any]:
+    from lightning.pytorch import Callback, Trainer
+
+    iterations: list[dict[str, float]] = []
+    clock = make_clock(device)
+
+    class IterationTimes(Callback):
+        def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.started = clock()
+
+        def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+            wall = clock() - self.started
+            metrics = trainer.callback_metrics
+            total, rollout = float(metrics["perf/iteration_sec"]), float(metrics["perf/rollout_sec"])
+            if float(metrics["rollout/response_len"]) != args.max_new_tokens:
+                raise RuntimeError("A response stopped before max_new_tokens.")
+            iterations.append(
+                {"rollout_score_advantages": rollout, "update": total - rollout, "total": total, "step_wall": wall}
+            )
+
+    module = BenchPPOModule(design=args.design, **make_module_kwargs(args))
+    data = PromptDataModule(prompts=prompts, batch_size=args.batch, shuffle=False)
+    trainer = Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.warmup + args.iterations,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[IterationTimes()],
+    )
+    trainer.fit(module, datamodule=data)
+    return {
+        "iterations": iterations,
+        "vocab": len(module.tokenizer),
+        "param_bytes": parameter_bytes(module.model),
+        "optimizer_state_bytes": optimizer_state_bytes(module.optimizers().optimizer),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    model = parser.add_argument_group("model (a random Llama with the ByT5 byte tokenizer, vocabulary 384)")
+    model.add_argument("--hidden", type=int, default=256, help="hidden size")
+    model.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
+    model.add_argument("--layers", type=int, default=4, help="decoder layers")
+    model.add_argument("--heads", type=int, default=4, help="attention heads")
+    model.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
+    model.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    model.add_argument("--design", choices=DESIGNS, default="shared", help="shared backbone, or TRL-style models")
+    ppo = parser.add_argument_group("PPO iteration")
+    ppo.add_argument("--batch", type=int, default=32, help="prompts per rollout")
+    ppo.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="bytes")
+    ppo.add_argument("--max-new-tokens", type=int, default=32, help="response length (every response has it)")
+    ppo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
+    ppo.add_argument("--num-minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
+    run = parser.add_argument_group("run")
+    run.add_argument("--iterations", type=int, default=10, help="timed PPO iterations")
+    run.add_argument("--warmup", type=int, default=2, help="untimed PPO iterations first")
+    run.add_argument("--trainer", action="store_true", help="time trainer.fit iterations of PPOModule instead")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
+    run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling, shuffling, LoRA init")
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.warmup < 0:
+        parser.error("--iterations must be >= 1 and --warmup >= 0")
+    if not 1 <= args.prompt_len[0] <= args.prompt_len[1]:
+        parser.error("--prompt-len needs 1 <= MIN <= MAX")
+    return args
+
+
+def summarize(args: argparse.Namespace, device: torch.device, result: dict[str, Any], wall: float) -> dict[str, Any]:
+    timed = result["iterations"][args.warmup :]
+    phases = list(dict.fromkeys(k for it in timed for k in it))
+    median = {k: statistics.median(it.get(k, 0.0) for it in timed) for k in phases}
+    tokens = args.batch * args.max_new_tokens
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {
+        "config": {
+            "design": args.design,
+            "mode": "trainer" if args.trainer else "direct",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "intermediate": args.intermediate,
+            "vocab": result["vocab"],
+            "batch": args.batch,
+            "prompt_len": list(args.prompt_len),
+            "max_new_tokens": args.max_new_tokens,
+            "ppo_epochs": args.ppo_epochs,
+            "num_minibatches": args.num_minibatches,
+            "lora_r": "full" if args.full else args.lora_r,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "seed": args.seed,
+        },
+        "timed_iterations": len(timed),
+        "warmup_iterations": args.warmup,
+        "seconds_median": {k: round(v, 4) for k, v in median.items()},
+        "total_seconds_each": [round(it["total"], 4) for it in timed],
+        "warmup_total_seconds_each": [round(it["total"], 4) for it in result["iterations"][: args.warmup]],
+        "iterations_per_sec": round(1.0 / median["total"], 4),
+        "generated_tokens_per_sec": {
+            "iteration": round(tokens / median["total"], 1),
+            **({"generate_phase": round(tokens / median["generate"], 1)} if "generate" in median else {}),
+        },
+        "peak_rss_mib": round(rss_kib / 1024, 1),
+        "cuda_max_allocated_mib": (
+            round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+        ),
+        "param_bytes": result["param_bytes"],
+        "optimizer_state_bytes": result["optimizer_state_bytes"],
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    prompts = make_prompts(args.batch * (args.warmup + args.iterations), *args.prompt_len, seed=args.seed)
+    result = (run_trainer if args.trainer else run_direct)(args, device, prompts)
+    print(json.dumps(summarize(args, device, result, time.perf_counter() - started)), file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    main()
