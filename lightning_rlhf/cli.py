@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -31,6 +32,8 @@ class RLHFCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-rlhf`` console script (``args`` replaces ``sys.argv[1:]`` in tests)."""
+    # The config dataclasses document each field in an attribute docstring; --help shows them.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     RLHFCLI(
         LightningModule,
         LightningDataModule,

@@ -86,3 +86,11 @@ def test_function_reward_from_yaml(tmp_path, monkeypatch):
     main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--config", str(path), *TINY_OVERRIDES])
     saved = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
     assert saved["model"]["init_args"]["reward"] == "custom_rewards.vowel_share"
+
+
+def test_help_explains_config_fields(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "PPOModule", "--model.ppo.help", "PPOConfig"])
+    assert exit_info.value.code in (0, None)
+    # The text of PPOConfig.clip_coef's attribute docstring, not just its type.
+    assert "Policy ratio clip epsilon" in capsys.readouterr().out
