@@ -333,18 +333,26 @@ class PPOModule(LightningModule):
 
     def _skip_iteration(self) -> None:
         """Count a rollout whose scores were not finite: no update, but the iteration still advances the step."""
+        self._count_skip("the reward returned NaN or infinite scores", what="iteration")
+        self._step_without_update(self.optimizers())
+        self.log("rollout/skipped", 1.0, on_step=True, on_epoch=False, batch_size=1)
+
+    def _count_skip(self, reason: str, what: str) -> None:
+        """One more skipped ``what`` (iteration or update) in a row: warn, or raise past ``max_consecutive_skips``."""
         self._consecutive_skips += 1
         if self._consecutive_skips > self.ppo.max_consecutive_skips:
             raise RuntimeError(
-                f"{self._consecutive_skips} consecutive PPO iterations or updates were skipped, the last because the "
-                "reward returned NaN or infinite scores. Fix the reward (guard divisions, clip logits) or raise "
+                f"{self._consecutive_skips} consecutive PPO iterations or updates were skipped, the last because "
+                f"{reason}. Lower the learning rate, fix the reward (guard divisions, clip extreme values), or raise "
                 "ppo.max_consecutive_skips."
             )
-        rank_zero_warn("Skipping a PPO iteration: the reward returned NaN or infinite scores.", category=RuntimeWarning)
-        optimizer = self.optimizers()
+        rank_zero_warn(f"Skipping a PPO {what} because {reason}.", category=RuntimeWarning)
+
+    @staticmethod
+    def _step_without_update(optimizer: Any) -> None:
+        """An optimizer step with no gradients: parameters stay, but ``trainer.global_step`` counts the iteration."""
         optimizer.zero_grad(set_to_none=True)
-        optimizer.step()  # no gradients: parameters stay, but trainer.global_step counts the iteration
-        self.log("rollout/skipped", 1.0, on_step=True, on_epoch=False, batch_size=1)
+        optimizer.step()
 
     # ---------------------------------------------------------------------------------------------- the PPO update
     def _ppo_update(self, rollout: Rollout, stats: GlobalStats) -> None:
@@ -368,9 +376,8 @@ class PPOModule(LightningModule):
             self._call_rl_hook("on_ppo_epoch_end", epoch=epoch)
             if stop:
                 break
-        if not self._iteration_counted:  # every update was skipped: count the iteration with an empty step
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
+        if not self._iteration_counted:  # every update was skipped
+            self._step_without_update(optimizer)
         self._update_counts = {"policy/updates": applied, "policy/skipped_updates": skipped, "policy/early_stop": stop}
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -407,18 +414,12 @@ class PPOModule(LightningModule):
         grad_norm = minibatch_stats["policy/grad_norm"]
         reason = None
         if not (math.isfinite(grad_norm) and math.isfinite(minibatch_stats["loss/total"])):
-            reason = f"non-finite loss ({minibatch_stats['loss/total']}) or gradient norm ({grad_norm})"
+            reason = f"the loss ({minibatch_stats['loss/total']}) or gradient norm ({grad_norm}) is non-finite"
         elif self.ppo.ratio_threshold is not None and minibatch_stats["policy/ratio_mean"] > self.ppo.ratio_threshold:
-            reason = f"mean ratio {minibatch_stats['policy/ratio_mean']:.3g} > ppo.ratio_threshold"
+            reason = f"the mean ratio {minibatch_stats['policy/ratio_mean']:.3g} > ppo.ratio_threshold"
         if reason is not None:
             optimizer.zero_grad(set_to_none=True)
-            self._consecutive_skips += 1
-            if self._consecutive_skips > self.ppo.max_consecutive_skips:
-                raise RuntimeError(
-                    f"{self._consecutive_skips} consecutive PPO updates were skipped, the last for {reason}. Lower the "
-                    f"learning rate, check the reward for extreme values, or raise ppo.max_consecutive_skips."
-                )
-            rank_zero_warn(f"Skipping a PPO update: {reason}.", category=RuntimeWarning)
+            self._count_skip(reason, what="update")
             return False
         self._consecutive_skips = 0
         stats.add("policy/grad_norm", grad_norm)
