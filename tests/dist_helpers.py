@@ -1,10 +1,45 @@
-"""A callback for the multi-process tests: each rank dumps what it saw and its trained weights after every step."""
+"""Shared by the multi-process tests: run the real CLI in a killable process group, and a callback with which each rank
+dumps what it saw and its trained weights after every step."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback
 from torch.distributed.tensor import DTensor
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run_cli_fit(out: Path, cfg: dict, *extra: str, timeout_s: int = 300) -> str:
+    """Run ``lightning-rlhf fit`` with ``cfg`` in ``out`` in a new process group; kill the whole group on timeout.
+
+    Returns the combined output; fails the test on a timeout or a non-zero exit.
+    """
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "lightning_rlhf.cli", "fit", "--config", str(path), *extra]
+    proc = subprocess.Popen(
+        cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"{out.name} did not finish in {timeout_s} s:\n{log[-4000:]}")
+    assert proc.returncode == 0, f"{out.name} failed:\n{log[-6000:]}"
+    return log
 
 
 class DumpRankState(Callback):

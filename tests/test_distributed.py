@@ -6,15 +6,11 @@ DDP and resume from its own checkpoint to the weights of an uninterrupted run.
 """
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from dist_helpers import run_cli_fit
 
 TESTS = Path(__file__).resolve().parent
 TIMEOUT_S = 300
@@ -59,27 +55,10 @@ def config(out_dir: Path, batch_size: int, max_steps: int, ckpt_dir: Path | None
 
 
 def run_cli(tmp: Path, name: str, cfg: dict, *extra: str) -> Path:
-    """Run ``lightning-rlhf fit`` in a new process group; kill the whole group on timeout."""
+    """Run ``lightning-rlhf fit`` in ``tmp / name`` (see ``dist_helpers.run_cli_fit``); returns that directory."""
     out = tmp / name
     out.mkdir(parents=True)
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "lightning_rlhf.cli", "fit", "--config", str(path), *extra]
-    proc = subprocess.Popen(
-        cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{name} did not finish in {TIMEOUT_S} s:\n{log[-4000:]}")
-    assert proc.returncode == 0, f"{name} failed:\n{log[-6000:]}"
+    run_cli_fit(out, cfg, *extra, timeout_s=TIMEOUT_S)
     return out
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-import yaml
+from dist_helpers import run_cli_fit
 from lightning.pytorch import Trainer, seed_everything
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -279,28 +278,6 @@ def test_module_entry_point_runs(tmp_path):
     )
     assert result.returncode == 2
     assert "lightning-rlhf-export: error:" in result.stderr
-
-
-def run_cli_fit(out: Path, cfg: dict, *extra: str, timeout_s: int = 300) -> str:
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "lightning_rlhf.cli", "fit", "--config", str(path), *extra]
-    proc = subprocess.Popen(
-        cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"did not finish in {timeout_s} s:\n{log[-4000:]}")
-    assert proc.returncode == 0, log[-6000:]
-    return log
 
 
 def test_fsdp2_export_gathers_the_full_weights(tmp_path):
