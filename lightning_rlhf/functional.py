@@ -140,10 +140,17 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     Returns NaN when the returns have zero variance (nothing to explain) or fewer than two real tokens exist.
     """
     _check_same_shape(values=values, returns=returns, mask=mask)
-    if int(mask.sum()) < 2:
-        return torch.tensor(float("nan"), device=values.device)
-    var_returns = masked_var(returns, mask)
-    return torch.where(var_returns > 0, 1 - masked_var(returns - values, mask) / var_returns, float("nan"))
+    # No host read of the token count (a device sync per call on GPU): the count test happens on the device.
+    count = mask.sum()
+    var_returns, var_residual = _sample_var(returns, mask, count), _sample_var(returns - values, mask, count)
+    explained = 1 - var_residual / var_returns.masked_fill(var_returns == 0, 1.0)
+    return torch.where((count >= 2) & (var_returns > 0), explained, float("nan"))
+
+
+def _sample_var(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+    """Bessel-corrected variance over ``mask`` without checking ``count`` (garbage, but finite, below 2 entries)."""
+    sq_dev = masked_sum(torch.where(mask, x - masked_mean(x, mask), 0.0) ** 2, mask)
+    return sq_dev / (count - 1).clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------- logprobs and entropy

@@ -736,3 +736,18 @@ def test_masked_whiten_with_precomputed_moments():
     assert_close(fn.masked_whiten(x, mask, mean=2.0, var=1.0), fn.masked_whiten(x, mask))
     with pytest.raises(ValueError, match="both mean and var"):
         fn.masked_whiten(x, mask, mean=0.0)
+
+
+def test_ppo_losses_and_logprobs_never_read_a_value_back_to_the_host():
+    # Meta tensors have no values: any int()/float()/.item()/bool() on one raises, so passing here means the PPO-update
+    # math issues no device-to-host sync (each one stalls the GPU once per micro-batch).
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    mask = meta(3, 5, dtype=torch.bool)
+    fn.explained_variance(meta(3, 5), meta(3, 5), mask)
+    fn.value_loss(meta(3, 5), meta(3, 5), meta(3, 5), mask, value_clip_coef=0.2)
+    for aggregation in fn.AGGREGATIONS:
+        fn.policy_loss(meta(3, 5), meta(3, 5), meta(3, 5), mask, 0.2, dual_clip_coef=3.0, aggregation=aggregation)
+    fn.logprobs_from_logits(meta(3, 5, 384), meta(3, 5, dtype=torch.long), temperature=0.7)
+    fn.entropy_from_logits(meta(3, 5, 384), temperature=0.7)
