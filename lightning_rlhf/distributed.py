@@ -39,6 +39,13 @@ def fully_shard_policy(model: PolicyValueModel, mesh: Any) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def full_value(tensor: Tensor) -> Tensor:
+    """The whole value of a possibly sharded tensor: a DTensor (FSDP2) is gathered, a plain tensor returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def get_rng_state(shuffle_generator: torch.Generator) -> dict[str, Any]:
     """This process's random states as plain tensors and lists (loadable with ``weights_only=True``)."""
     version, mt_state, gauss = random.getstate()

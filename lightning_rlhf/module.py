@@ -29,13 +29,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from lightning_rlhf import functional as F
 from lightning_rlhf import strategies as _strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
 from lightning_rlhf.config import SCORE_NORM_EPS, PPOConfig, as_config, default_optimizer
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
-from lightning_rlhf.distributed import GlobalStats, fully_shard_policy, get_rng_state, set_rng_state
+from lightning_rlhf.distributed import GlobalStats, full_value, fully_shard_policy, get_rng_state, set_rng_state
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
 from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout
@@ -133,6 +132,12 @@ class PPOModule(LightningModule):
                 "--trainer.strategy fsdp (FSDP1) fails under PPO's manual optimization when Lightning wraps the "
                 "whole LightningModule (Lightning-AI/pytorch-lightning#19685); use --trainer.strategy fsdp2, which "
                 "shards the policy with FSDP2 and supports LoRA, generation and gradient clipping."
+            )
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"--trainer.precision {self.trainer.precision} (float16 with a gradient scaler) is not supported: "
+                "PPOModule checks and clips the gradients itself before each step. Use --trainer.precision "
+                "bf16-mixed (or 32-true)."
             )
         # Seeded before a checkpoint restore (which then overwrites it); distinct per rank.
         self.shuffle_generator.manual_seed(torch.initial_seed() % 2**62 + self.global_rank)
@@ -362,8 +367,8 @@ class PPOModule(LightningModule):
         stop = False
         for epoch in range(self.ppo.ppo_epochs):
             for index, minibatch in enumerate(rollout.minibatches(self.ppo.num_minibatches, self.shuffle_generator)):
-                minibatch_stats = self._accumulate_gradients(minibatch, stats)
-                if self._apply_update(optimizer, minibatch_stats, stats):
+                minibatch_stats, total_norm = self._accumulate_gradients(minibatch, stats)
+                if self._apply_update(optimizer, minibatch_stats, total_norm, stats):
                     applied += 1
                 else:
                     skipped += 1
@@ -383,8 +388,11 @@ class PPOModule(LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-    def _accumulate_gradients(self, minibatch: Rollout, stats: GlobalStats) -> dict[str, float]:
-        """Backward over the minibatch in micro-batches; returns its global (all-process) loss statistics."""
+    def _accumulate_gradients(self, minibatch: Rollout, stats: GlobalStats) -> tuple[dict[str, float], Tensor]:
+        """Backward over the minibatch in micro-batches.
+
+        Returns its global (all-process) loss statistics and the gradient norm as ``_grad_norm`` returns it.
+        """
         micro = self.ppo.micro_batch_size or len(minibatch)
         # token-mean over the *global* minibatch: data-parallel gradients are averaged over processes, so each
         # process divides its token sum by the mean token count per process. Results do not depend on how the
@@ -403,10 +411,13 @@ class PPOModule(LightningModule):
                 weight = torch.tensor(len(part) / len(minibatch), device=self.device)
             loss = self._loss(part, stats, minibatch_stats)
             self.manual_backward(loss * weight)
-        minibatch_stats.add("policy/grad_norm", self._grad_norm())
-        return minibatch_stats.reduce(self._all_reduce_sum, self.device)
+        total_norm = self._grad_norm()
+        minibatch_stats.add("policy/grad_norm", full_value(total_norm))
+        return minibatch_stats.reduce(self._all_reduce_sum, self.device), total_norm
 
-    def _apply_update(self, optimizer: Any, minibatch_stats: dict[str, float], stats: GlobalStats) -> bool:
+    def _apply_update(
+        self, optimizer: Any, minibatch_stats: dict[str, float], total_norm: Tensor, stats: GlobalStats
+    ) -> bool:
         """Clip and step, unless the loss or gradient is not finite or the ratio is past ``ratio_threshold``.
 
         Every input to the decision is a global value, so all processes take the same branch.
@@ -423,8 +434,8 @@ class PPOModule(LightningModule):
             return False
         self._consecutive_skips = 0
         stats.add("policy/grad_norm", grad_norm)
-        if self.ppo.max_grad_norm is not None:
-            self.clip_gradients(optimizer, self.ppo.max_grad_norm, "norm")
+        if self.ppo.max_grad_norm is not None:  # clip with the norm just logged: no second pass over the gradients
+            torch.nn.utils.clip_grads_with_norm_(self._trainable, self.ppo.max_grad_norm, total_norm)
         self._optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return True
@@ -475,13 +486,16 @@ class PPOModule(LightningModule):
             record.add("value/clipfrac", vf_stats.clipfrac * n, n)
         return loss
 
+    @property
+    def _trainable(self) -> list[Tensor]:
+        return [p for p in self.parameters() if p.requires_grad]
+
     def _grad_norm(self) -> Tensor:
-        """L2 norm of all gradients; under FSDP2 the shards' norms are combined into the full norm."""
+        """L2 norm of all gradients, as ``clip_grad_norm_`` computes it (under FSDP2 a DTensor: see ``full_value``)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
-        norm = torch.nn.utils.get_total_norm(grads)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return torch.nn.utils.get_total_norm(grads)
 
     def _optimizer_step(self, optimizer: Any) -> None:
         """Step the optimizer; only an iteration's first step advances ``trainer.global_step`` (one per iteration)."""

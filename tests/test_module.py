@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
@@ -338,7 +339,8 @@ class RatioBlowUpPPO(PPOModule):
     """Reports an absurd ratio for every minibatch, as after a policy blow-up."""
 
     def _accumulate_gradients(self, minibatch, stats):
-        return {**super()._accumulate_gradients(minibatch, stats), "policy/ratio_mean": 100.0}
+        minibatch_stats, total_norm = super()._accumulate_gradients(minibatch, stats)
+        return {**minibatch_stats, "policy/ratio_mean": 100.0}, total_norm
 
 
 def test_ratio_threshold_skips_updates_but_counts_the_iteration():
@@ -488,3 +490,34 @@ def test_entropy_bonus_changes_the_update_only_when_weighted(ent_coef):
     baseline, weighted = run(0.0), run(ent_coef)
     same = all(torch.equal(baseline[n], weighted[n]) for n in baseline)
     assert same == (ent_coef == 0.0)
+
+
+class GradNorms(Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_ppo_minibatch_end(self, trainer, module, epoch, index, stats):
+        self.norms.append(stats["policy/grad_norm"])
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e6])
+def test_gradient_clipping_bounds_the_step_by_the_logged_norm(max_grad_norm):
+    # One plain SGD step (lr 0.5): the weights move by exactly lr * min(grad_norm, max_grad_norm).
+    norms = GradNorms()
+    module = make_module(ppo=PPOConfig(ppo_epochs=1, num_minibatches=1, max_grad_norm=max_grad_norm))
+    module.configure_model()
+    before = snapshot(module)
+    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[norms])
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    moved = torch.linalg.vector_norm(torch.stack([(after - before[n]).norm() for n, after in snapshot(module).items()]))
+    assert len(norms.norms) == 1
+    assert norms.norms[0] > 1e-2  # the clip is active at 1e-3 and not at 1e6
+    assert math.isclose(moved.item(), 0.5 * min(norms.norms[0], max_grad_norm), rel_tol=1e-4)
+
+
+def test_float16_with_a_gradient_scaler_is_refused():
+    # On CPU Lightning turns precision="16-mixed" into bf16, so the float16 plugin (as on a GPU) is given directly.
+    fp16 = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = Trainer(max_steps=1, accelerator="cpu", plugins=[fp16], logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"precision 16-mixed .*bf16-mixed"):
+        trainer.fit(make_module(), datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
