@@ -11,21 +11,25 @@ Choices made here (see :mod:`lightning_rlhf.types` for shapes and mask polarity)
   sampling distribution; processors without a neutral value must be unset on the model, otherwise this refuses to run.
 - **Stop tokens.** A response ends at its first stop token (EOS or one of ``stop_token_ids``), which is a real token;
   every later column is ``pad_token_id`` with mask False. A response that hit ``max_new_tokens`` has ``ended`` False.
+- **Engines.** Sampling itself is delegated to an engine of :mod:`lightning_rlhf.generation` (``generation.engine``);
+  everything it returns after a stop token is discarded here, and the logprobs always come from ``forward_response``.
 - **Mode.** Generation and scoring run without gradients and in eval mode (no dropout), and every submodule's
   training flag is restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import transformers
 from torch import Tensor, nn
 
 from lightning_rlhf.functional import logprobs_from_logits
+from lightning_rlhf.generation import ENGINES, Engine, cached_decode, hf_generate, lora_merge_blocker, merged_lora
 from lightning_rlhf.models import PolicyValueModel
 from lightning_rlhf.types import Rollout
 
@@ -63,6 +67,17 @@ class GenerationConfig:
     """False decodes greedily (deterministic tests); the logprobs still use ``temperature``."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end a response besides the tokenizer's EOS."""
+    min_new_tokens: int = 0
+    """Stop tokens are forbidden before this many response tokens (the logprobs ignore that truncation)."""
+    engine: str = "auto"
+    """Sampling engine (:mod:`lightning_rlhf.generation`): ``"cached"`` (KV cache, finished rows leave the batch),
+    ``"hf"`` (transformers ``generate``), or ``"auto"``: ``"cached"``, except ``"hf"`` when the model is sharded
+    across processes (FSDP), where every process must run the same number of forwards."""
+    merge_lora: bool = True
+    """Merge the LoRA adapter into the base weights while generating (restored bit for bit afterwards); skipped where
+    it cannot apply (no adapter, sharded or quantized weights, ``modules_to_save``, DoRA)."""
+    batch_size: int | None = None
+    """Prompts sampled at once; None samples the whole per-device batch together (fastest; set it to cap memory)."""
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -75,6 +90,15 @@ class GenerationConfig:
             raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn it off.")
         if self.top_k < 0:
             raise ValueError(f"generation.top_k must be >= 0, got {self.top_k}; use 0 to turn it off.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"generation.min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
+                f"{self.min_new_tokens}."
+            )
+        if self.engine not in (*ENGINES, "auto"):
+            raise ValueError(f"generation.engine must be 'auto', 'cached' or 'hf', got {self.engine!r}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"generation.batch_size must be >= 1 or None (whole batch), got {self.batch_size}.")
 
 
 class ResponseForward(NamedTuple):
@@ -151,35 +175,6 @@ def truncate_at_stop(
     return response_ids[:, :length], response_mask[:, :length], is_stop.any(-1)
 
 
-def _hf_generation_config(
-    generation: GenerationConfig, stop_token_ids: list[int], pad_token_id: int
-) -> transformers.GenerationConfig:
-    # Greedy ignores the sampling warpers; leaving them unset avoids transformers' "unused flag" warnings.
-    sampling = {}
-    if generation.do_sample:
-        sampling = {"temperature": generation.temperature, "top_k": generation.top_k, "top_p": generation.top_p}
-        sampling |= {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
-    return transformers.GenerationConfig(
-        max_new_tokens=generation.max_new_tokens,
-        do_sample=generation.do_sample,
-        eos_token_id=stop_token_ids,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-        num_beams=1,
-        num_return_sequences=1,
-        min_new_tokens=0,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        encoder_no_repeat_ngram_size=0,
-        guidance_scale=1.0,
-        renormalize_logits=False,
-        remove_invalid_values=False,
-        return_dict_in_generate=False,
-        **sampling,
-    )
-
-
 def _check_no_inherited_processors(model: nn.Module) -> None:
     lm = model.lm
     inherited = [name for name in _NO_NEUTRAL_VALUE if getattr(lm.generation_config, name, None) is not None]
@@ -209,10 +204,10 @@ def _generate_and_score(
     micro_batch_size: int | None,
     synced_gpus: bool,
 ) -> Rollout:
-    hf_config = _hf_generation_config(generation, stop_token_ids, pad_token_id)
-    sequences = model(prompt_ids, prompt_mask, mode="generate", generation_config=hf_config, synced_gpus=synced_gpus)
     response_ids, response_mask, ended = truncate_at_stop(
-        sequences[:, prompt_ids.shape[1] :], stop_token_ids, pad_token_id
+        _sample_responses(model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus),
+        stop_token_ids,
+        pad_token_id,
     )
     parts: dict[str, list[Tensor]] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
     for rows in _micro_batches(prompt_ids.shape[0], micro_batch_size):
@@ -229,6 +224,31 @@ def _generate_and_score(
         ended=ended,
         **{name: torch.cat(chunks) for name, chunks in parts.items()},
     )
+
+
+def _sample_responses(
+    model: PolicyValueModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    generation: GenerationConfig,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    synced_gpus: bool,
+) -> Tensor:
+    """(B, T') sampled tokens from the configured engine, in ``generation.batch_size`` chunks, padded to one width."""
+    engine = generation.engine if generation.engine != "auto" else ("hf" if synced_gpus else "cached")
+    if engine == "cached" and synced_gpus:
+        raise ValueError(
+            "generation.engine 'cached' cannot run a model sharded across processes (FSDP); use 'auto' or 'hf'."
+        )
+    sample: Engine = cached_decode if engine == "cached" else functools.partial(hf_generate, synced_gpus=synced_gpus)
+    merge = generation.merge_lora and lora_merge_blocker(model.lm) is None
+    chunks = []
+    with merged_lora(model.lm) if merge else contextlib.nullcontext():
+        for rows in _micro_batches(prompt_ids.shape[0], generation.batch_size):
+            chunks.append(sample(model, prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id))
+    width = max(chunk.shape[1] for chunk in chunks)
+    return torch.cat([nn.functional.pad(chunk, (0, width - chunk.shape[1]), value=pad_token_id) for chunk in chunks])
 
 
 def generate_rollout(
@@ -254,7 +274,7 @@ def generate_rollout(
         eos_token_id: the tokenizer's EOS; ends a response like ``generation.stop_token_ids``.
         pad_token_id: written after the stop token.
         micro_batch_size: rows per scoring forward (old/ref logprobs, values); None scores the whole batch at once.
-            Generation always runs on the whole batch.
+            Generation runs in chunks of ``generation.batch_size`` rows.
         synced_gpus: keep generating until every rank is done (needed when parameters are sharded, e.g. FSDP).
     Returns:
         A :class:`Rollout` with the first eight fields set.

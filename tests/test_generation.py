@@ -1,0 +1,211 @@
+"""Tests of lightning_rlhf.generation: the cached engine against transformers' generate, finished rows leaving the
+batch, min_new_tokens, generation chunks, and the exact LoRA merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_rlhf.generation import cached_decode, hf_generate, lora_merge_blocker, merged_lora
+from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, TinyModelConfig, build_policy
+from lightning_rlhf.models import load_tokenizer as _load_tokenizer
+from lightning_rlhf.rollout import GenerationConfig, generate_rollout, truncate_at_stop
+
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+PAD, EOS = 0, 1  # ByT5
+NEVER = 384  # a token id past the vocabulary: a stop token that is never sampled, so every row runs to the end
+ENGINES = {"cached": cached_decode, "hf": hf_generate}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _load_tokenizer(PolicyConfig())
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    """Five left-padded prompts of different lengths: (prompt_ids, prompt_mask)."""
+    texts = ["the quick brown", "ab", "xyz!", "hello there", "q"]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask.bool()
+
+
+def build(tokenizer, lora: LoraConfig | None = None) -> PolicyValueModel:
+    """Tiny LoRA policy whose adapter is not zero (LoRA B random), so policy and base model differ."""
+    torch.manual_seed(0)
+    model = build_policy(PolicyConfig(tiny=TINY), lora or LoraConfig(), tokenizer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def sample(engine, model, prompts, stops, seed=0, **settings):
+    config = GenerationConfig(**{"max_new_tokens": 8} | settings)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        tokens = ENGINES[engine](model, *prompts, config, stops, PAD)
+    return truncate_at_stop(tokens, stops, PAD)
+
+
+def stops_that_end_rows_early(model, prompts) -> list[int]:
+    """Stop tokens taken from the greedy continuations, so different rows end at different steps."""
+    tokens, _, _ = sample("hf", model, prompts, [NEVER], do_sample=False)
+    return [int(tokens[0, 1]), int(tokens[2, 4])]
+
+
+def assert_same_responses(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_cached_engine_decodes_greedily_like_generate_with_rows_ending_early(tokenizer, prompts):
+    model = build(tokenizer)
+    stops = stops_that_end_rows_early(model, prompts)
+    cached = sample("cached", model, prompts, stops, do_sample=False)
+    assert_same_responses(cached, sample("hf", model, prompts, stops, do_sample=False))
+    lengths = cached[1].sum(-1)
+    assert lengths.min() < lengths.max()  # rows ended at different steps, so rows left the batch midway
+    assert bool(cached[2].any())
+
+
+def test_cached_engine_draws_the_same_samples_as_generate(tokenizer, prompts):
+    # Same distribution (temperature, then top-k, then top-p) and the same random draws from the global RNG.
+    model = build(tokenizer)
+    settings = {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9}
+    for seed in range(3):
+        cached = sample("cached", model, prompts, [NEVER], seed=seed, **settings)
+        assert_same_responses(cached, sample("hf", model, prompts, [NEVER], seed=seed, **settings))
+    assert not torch.equal(cached[0], sample("cached", model, prompts, [NEVER], seed=99, **settings)[0])
+
+
+def test_finished_rows_cost_nothing(tokenizer, prompts):
+    model = build(tokenizer)
+    stops = stops_that_end_rows_early(model, prompts)
+    rows_per_forward = []
+    causal_lm = model.lm.get_base_model()
+    hook = causal_lm.register_forward_pre_hook(
+        lambda m, a, kw: rows_per_forward.append(len(kw["input_ids"])), with_kwargs=True
+    )
+    try:
+        _, mask, _ = sample("cached", model, prompts, stops, do_sample=False)
+    finally:
+        hook.remove()
+    # Prefill with all 5 rows, then one forward per step, each with only the rows still generating (once finished
+    # rows are at least a quarter of the batch).
+    unfinished = [int((mask.sum(-1) > step).sum()) for step in range(mask.shape[1])]
+    assert rows_per_forward[0] == 5
+    assert rows_per_forward[1:] == [n if 4 * (5 - n) >= 5 else 5 for n in unfinished[1:]][: len(rows_per_forward) - 1]
+    assert rows_per_forward[-1] < 5
+
+
+@pytest.mark.parametrize("engine", ["cached", "hf"])
+def test_min_new_tokens_forbids_stop_tokens_before_it(tokenizer, prompts, engine):
+    model = build(tokenizer)
+    first = sample(engine, model, prompts, [NEVER], do_sample=False)[0][:, 0].unique().tolist()
+    _, mask, _ = sample(engine, model, prompts, first, do_sample=False)
+    assert mask.sum(-1).max() == 1  # without it every row stops at its first token
+    ids, mask, _ = sample(engine, model, prompts, first, do_sample=False, min_new_tokens=3)
+    assert (mask.sum(-1) >= 3).all()
+    assert not torch.isin(ids[:, :2], torch.tensor(first)).any()
+
+
+def test_min_new_tokens_gives_the_same_tokens_in_both_engines(tokenizer, prompts):
+    model = build(tokenizer)
+    stops = stops_that_end_rows_early(model, prompts)
+    cached = sample("cached", model, prompts, stops, do_sample=False, min_new_tokens=5)
+    assert_same_responses(cached, sample("hf", model, prompts, stops, do_sample=False, min_new_tokens=5))
+
+
+@pytest.mark.parametrize("engine", ["cached", "hf"])
+def test_generation_chunks_give_the_whole_batch_result(tokenizer, prompts, engine):
+    model = build(tokenizer)
+    stops = stops_that_end_rows_early(model, prompts)
+
+    def run(batch_size):
+        config = GenerationConfig(max_new_tokens=8, do_sample=False, engine=engine, batch_size=batch_size)
+        return generate_rollout(model, *prompts, config, eos_token_id=stops[0], pad_token_id=PAD)
+
+    whole, chunked = run(None), run(2)
+    assert torch.equal(whole.response_ids, chunked.response_ids)
+    assert torch.equal(whole.response_mask, chunked.response_mask)
+    torch.testing.assert_close(whole.old_logprobs, chunked.old_logprobs)
+
+
+def test_merged_lora_restores_the_base_weights_bit_for_bit(tokenizer):
+    model = build(tokenizer)
+    layer = model.lm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():  # weights whose round trip W + delta - delta is not W (tiny against a large delta)
+        layer.base_layer.weight[0, :4] = torch.tensor([1e-9, -3e-8, 1e-30, float("nan")])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = layer.get_delta_weight("default")
+    assert not torch.equal((layer.base_layer.weight + delta) - delta, layer.base_layer.weight)
+    with merged_lora(model.lm):
+        torch.testing.assert_close(layer.base_layer.weight[:, 4:], (before[_q_name(model)] + delta)[:, 4:])
+    for name, param in model.named_parameters():
+        assert torch.equal(param.view(-1).view(torch.int32), before[name].view(-1).view(torch.int32)), name
+
+
+def _q_name(model):
+    return next(n for n, _ in model.named_parameters() if "layers.0.self_attn.q_proj.base_layer.weight" in n)
+
+
+def test_merged_lora_restores_the_weights_when_generation_fails(tokenizer):
+    model = build(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"), merged_lora(model.lm):
+        raise RuntimeError("boom")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("engine", ["cached", "hf"])
+def test_merged_generation_samples_from_the_policy(tokenizer, prompts, engine):
+    model = build(tokenizer)
+    stops = stops_that_end_rows_early(model, prompts)
+
+    def run(merge_lora):
+        config = GenerationConfig(max_new_tokens=8, do_sample=False, engine=engine, merge_lora=merge_lora)
+        return generate_rollout(model, *prompts, config, eos_token_id=stops[0], pad_token_id=PAD)
+
+    merged, unmerged = run(True), run(False)
+    assert torch.equal(merged.response_ids, unmerged.response_ids)
+    torch.testing.assert_close(merged.old_logprobs, unmerged.old_logprobs, rtol=0, atol=0)  # scored unmerged
+    with model.lm.disable_adapter():  # the base model continues differently: the adapter was really in effect
+        base = sample(engine, model, prompts, [NEVER], do_sample=False)[0]
+    assert not torch.equal(base, sample(engine, model, prompts, [NEVER], do_sample=False)[0])
+
+
+def test_merge_blockers_are_named(tokenizer):
+    assert lora_merge_blocker(build(tokenizer).lm) is None
+    full = build_policy(PolicyConfig(tiny=TINY), LoraConfig(enabled=False), tokenizer)
+    assert "no LoRA adapter" in lora_merge_blocker(full.lm)
+    saved = build(tokenizer, LoraConfig(modules_to_save=["lm_head"]))
+    assert "modules_to_save" in lora_merge_blocker(saved.lm)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("min_new_tokens", -1, "min_new_tokens"),
+        ("min_new_tokens", 9, "min_new_tokens"),
+        ("engine", "vllm", "engine"),
+        ("batch_size", 0, "batch_size"),
+    ],
+)
+def test_generation_config_names_the_bad_field(field, value, match):
+    with pytest.raises(ValueError, match=f"generation.{match}"):
+        GenerationConfig(max_new_tokens=8, **{field: value})
+
+
+def test_cached_engine_refuses_a_sharded_model(tokenizer, prompts):
+    config = GenerationConfig(engine="cached")
+    with pytest.raises(ValueError, match="'auto' or 'hf'"):
+        generate_rollout(build(tokenizer), *prompts, config, eos_token_id=EOS, pad_token_id=PAD, synced_gpus=True)
+
+
+def test_llama_layers_get_the_preallocated_cache(tokenizer):
+    from lightning_rlhf.generation import _kv_cache, _PreallocatedLayer
+
+    cache = _kv_cache(build(tokenizer).lm.config, max_len=40)
+    assert [type(layer) for layer in cache.layers] == [_PreallocatedLayer] * TINY.num_hidden_layers
