@@ -442,6 +442,7 @@ class PPOModule(LightningModule):
 
     def _loss(self, part: Rollout, stats: GlobalStats, minibatch_stats: GlobalStats) -> Tensor:
         assert self.model is not None
+        part = part.trim_padding()  # columns that are padding in every row of the micro-batch cost nothing
         out = forward_response(
             self.model,
             part.prompt_ids,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lightning_rlhf.functional import logprobs_from_logits
 from lightning_rlhf.generation import ENGINES, Engine, cached_decode, hf_generate, lora_merge_blocker, merged_lora
 from lightning_rlhf.models import PolicyValueModel
-from lightning_rlhf.types import Rollout
+from lightning_rlhf.types import Rollout, padding_extent
 
 _NO_NEUTRAL_VALUE: tuple[str, ...] = (
     "bad_words_ids",
@@ -211,11 +211,20 @@ def _generate_and_score(
     )
     parts: dict[str, list[Tensor]] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
     for rows in _micro_batches(prompt_ids.shape[0], micro_batch_size):
-        args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_mask[rows], generation.temperature)
-        policy = forward_response(model, *args, mode="policy")
-        parts["old_logprobs"].append(policy.logprobs)
-        parts["old_values"].append(policy.values)
-        parts["ref_logprobs"].append(forward_response(model, *args, mode="ref").logprobs)
+        # Only the columns some row of this micro-batch uses go through the model; outputs are zero-padded back.
+        start, end = padding_extent(prompt_mask[rows], response_mask[rows])
+        args = (
+            prompt_ids[rows, start:],
+            prompt_mask[rows, start:],
+            response_ids[rows, :end],
+            response_mask[rows, :end],
+        )
+        pad = (0, response_ids.shape[1] - end)
+        policy = forward_response(model, *args, generation.temperature, mode="policy")
+        parts["old_logprobs"].append(nn.functional.pad(policy.logprobs, pad))
+        parts["old_values"].append(nn.functional.pad(policy.values, pad))
+        ref = forward_response(model, *args, generation.temperature, mode="ref")
+        parts["ref_logprobs"].append(nn.functional.pad(ref.logprobs, pad))
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

@@ -127,6 +127,22 @@ class Rollout:
         order = torch.randperm(size, generator=generator).to(self.response_ids.device)
         return [self.select(chunk) for chunk in order.chunk(num_minibatches)]
 
+    def trim_padding(self) -> Rollout:
+        """The same rows without the columns that are padding in every row.
+
+        Leading prompt columns (left padding) and trailing response columns (right padding) that no row uses are
+        dropped, so a micro-batch of short sequences costs only its own length. Results of a forward are unchanged:
+        those columns are masked out of attention, positions and every loss.
+        """
+        start, end = padding_extent(self.prompt_mask, self.response_mask)
+        if start == 0 and end == self.response_mask.shape[1]:
+            return self
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in fields.items():
+            if value is not None and value.dim() == 2:
+                fields[name] = value[:, start:] if name.startswith("prompt_") else value[:, :end]
+        return Rollout(**fields)
+
     def to(self, device: torch.device | str) -> Rollout:
         """The same record with every tensor on ``device``."""
         return self._map(lambda t: t.to(device))
@@ -156,3 +172,15 @@ class PreferenceLossStats(NamedTuple):
     """Mean score of the chosen responses."""
     rejected_score: Tensor
     """Mean score of the rejected responses."""
+
+
+def padding_extent(prompt_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
+    """``(start, end)``: prompt columns before ``start`` and response columns from ``end`` on are padding in every row.
+
+    ``start`` is at most ``P - 1`` and ``end`` at least 1, so the kept slices are never empty. One host read.
+    """
+    start = prompt_mask.any(0).int().argmax()  # first prompt column some row uses (left padding before it)
+    used = response_mask.any(0)
+    end = (used.int() * torch.arange(1, used.numel() + 1, device=used.device)).max()  # one past the last used column
+    start, end = torch.stack([start, end]).tolist()
+    return start, max(end, 1)

@@ -521,3 +521,22 @@ def test_float16_with_a_gradient_scaler_is_refused():
     trainer = Trainer(max_steps=1, accelerator="cpu", plugins=[fp16], logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match=r"precision 16-mixed .*bf16-mixed"):
         trainer.fit(make_module(), datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+
+
+def test_update_forwards_skip_columns_that_are_padding_in_every_row():
+    # One row per micro-batch: every update forward (with gradient) is as wide as that row's own prompt + response,
+    # exactly like the rollout's scoring forwards (without gradient) of the same rows.
+    module = make_module(ppo=PPOConfig(ppo_epochs=1, num_minibatches=2, micro_batch_size=1))
+    module.configure_model()
+    widths = {True: [], False: []}
+    decoder = module.model.lm.get_base_model().get_decoder()
+    decoder.register_forward_pre_hook(
+        lambda m, a, kw: (
+            widths[torch.is_grad_enabled()].append(kw["input_ids"].shape[1]) if not kw["use_cache"] else None
+        ),
+        with_kwargs=True,
+    )
+    fit(module, prompts=["a", "a much longer prompt", "mid size", "xy"])
+    scoring = widths[False][::2]  # policy forward, then reference forward, per row
+    assert sorted(widths[True]) == sorted(scoring)
+    assert len(set(scoring)) > 1

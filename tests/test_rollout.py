@@ -230,3 +230,24 @@ def test_right_padded_prompts_are_refused(tokenizer, prompts):
     prompt_ids, prompt_mask = prompts
     with pytest.raises(ValueError, match="left-padded"):
         rollout(build(tokenizer), (prompt_ids.flip(1), prompt_mask.flip(1)))
+
+
+def test_scoring_forwards_skip_columns_that_are_padding_in_every_row(tokenizer, prompts):
+    model = build(tokenizer)
+    widths = []
+    decoder = model.lm.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[1]) if kw.get("use_cache") is False else None,
+        with_kwargs=True,
+    )
+    try:
+        r = rollout(model, prompts, micro_batch_size=1)
+    finally:
+        hook.remove()
+    # One row per micro-batch: the policy and the reference forward see that row's own prompt and response only.
+    own = (r.prompt_mask.sum(-1) + r.response_mask.sum(-1)).tolist()
+    assert widths == [w for w in own for _ in ("policy", "ref")]
+    assert min(own) < r.prompt_ids.shape[1] + r.response_ids.shape[1]  # something was trimmed
+    full = rescore(model, r)  # the whole batch at full width gives the same logprobs and values
+    torch.testing.assert_close(r.old_logprobs, full.logprobs)
+    torch.testing.assert_close(r.old_values, full.values)

@@ -120,3 +120,44 @@ def test_rollout_is_immutable():
     replaced = dataclasses.replace(rollout, kl=torch.zeros(B, T))
     assert rollout.kl is None
     assert replaced.kl is not None
+
+
+def _padded_rollout() -> Rollout:
+    # Row 0: prompt "ab" (2 of 4 columns), response of 1 token; row 1: prompt of 3 columns, response of 2 of 4 columns.
+    prompt_mask = torch.tensor([[False, False, True, True], [False, True, True, True]])
+    response_mask = torch.tensor([[True, False, False, False], [True, True, False, False]])
+    values = torch.arange(8, dtype=torch.float32).view(2, 4)
+    return Rollout(
+        prompt_ids=torch.arange(8).view(2, 4),
+        prompt_mask=prompt_mask,
+        response_ids=torch.arange(10, 18).view(2, 4),
+        response_mask=response_mask,
+        old_logprobs=values,
+        ref_logprobs=values + 1,
+        old_values=values + 2,
+        ended=torch.tensor([True, False]),
+        scores=torch.tensor([0.5, -0.5]),
+    )
+
+
+def test_trim_padding_drops_the_columns_no_row_uses():
+    full = _padded_rollout()
+    trimmed = full.trim_padding()
+    assert torch.equal(trimmed.prompt_ids, torch.tensor([[1, 2, 3], [5, 6, 7]]))
+    assert torch.equal(trimmed.prompt_mask, full.prompt_mask[:, 1:])
+    assert torch.equal(trimmed.response_ids, torch.tensor([[10, 11], [14, 15]]))
+    assert torch.equal(trimmed.old_logprobs, torch.tensor([[0.0, 1.0], [4.0, 5.0]]))
+    assert torch.equal(trimmed.ref_logprobs, full.ref_logprobs[:, :2])
+    assert torch.equal(trimmed.old_values, full.old_values[:, :2])
+    assert torch.equal(trimmed.scores, full.scores)  # per-sequence fields stay
+    assert trimmed.advantages is None
+    assert trimmed.trim_padding() is trimmed  # nothing left to trim
+    # Every real token survives.
+    assert trimmed.response_mask.sum() == full.response_mask.sum()
+    assert trimmed.prompt_mask.sum() == full.prompt_mask.sum()
+
+
+def test_trim_padding_keeps_at_least_one_column():
+    full = _padded_rollout()
+    empty = dataclasses.replace(full, response_mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert empty.trim_padding().response_ids.shape == (2, 1)
