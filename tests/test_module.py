@@ -540,3 +540,20 @@ def test_update_forwards_skip_columns_that_are_padding_in_every_row():
     scoring = widths[False][::2]  # policy forward, then reference forward, per row
     assert sorted(widths[True]) == sorted(scoring)
     assert len(set(scoring)) > 1
+
+
+def test_bf16_mixed_precision_runs_the_model_in_bf16_and_keeps_float32_weights():
+    # The GPU recipe's precision on CPU: autocast makes the decoder's matmuls bf16 in the rollout and the update, while
+    # the weights, the optimizer and every logged statistic stay float32.
+    module = make_module()
+    module.configure_model()
+    dtypes = set()
+    down_proj = module.model.lm.get_base_model().get_decoder().layers[0].mlp.down_proj.base_layer
+    down_proj.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+    trainer = Trainer(max_steps=1, accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    assert dtypes == {torch.bfloat16}
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    metrics = trainer.logged_metrics
+    for name in ("loss/total", "policy/approx_kl", "objective/kl", "policy/grad_norm"):
+        assert math.isfinite(float(metrics[name])), name
