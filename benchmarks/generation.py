@@ -1,0 +1,154 @@
+"""Rollout generation speed: the package's sampling engines against plain ``model.generate`` with its defaults.
+
+Prints one JSON line. Same model, prompts, sampling settings and stop tokens for every variant:
+
+- ``plain_generate``: ``policy.lm.generate(input_ids, attention_mask, max_new_tokens, do_sample=True, ...)`` on the
+  LoRA policy as a user would call it (peft model, adapter unmerged, transformers' default ``DynamicCache``).
+- ``hf_merged``: ``generation.engine: hf`` (transformers ``generate``) with the LoRA adapter merged while sampling.
+- ``cached_unmerged``: ``generation.engine: cached`` (own loop, preallocated KV cache, finished rows leave the batch),
+  adapter not merged.
+- ``cached_merged``: the package default (``engine: auto`` -> ``cached``, ``merge_lora: true``).
+
+The variants run in turn in every repeat, so machine noise hits all of them alike; each reports its median.
+``--stop-fraction 0`` (default) uses a stop token the model cannot sample, so every response is exactly
+``--max-new-tokens`` long (pure decode speed); a positive fraction makes that share of the vocabulary stop tokens, so
+responses end at different steps and finished rows matter.
+
+Run ``python benchmarks/generation.py --help`` for the options; ``benchmarks/README.md`` has measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import string
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
+from lightning_rlhf.rollout import GenerationConfig, _sample_responses, truncate_at_stop
+
+VARIANTS: tuple[str, ...] = ("plain_generate", "hf_merged", "cached_unmerged", "cached_merged")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size")
+    parser.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
+    parser.add_argument("--batch", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="bytes")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="response length limit")
+    parser.add_argument("--stop-fraction", type=float, default=0.0, help="share of the vocabulary that stops a row")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.stop_fraction < 1.0:
+        parser.error("--stop-fraction must be in [0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tiny = TinyModelConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+    )
+    cfg = PolicyConfig(tiny=tiny)
+    tokenizer = load_tokenizer(cfg)
+    policy = build_policy(cfg, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), tokenizer).eval()
+    with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at initialization
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    vocab = policy.lm.config.vocab_size
+    rng = random.Random(args.seed)
+    texts = [
+        "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(rng.randint(*args.prompt_len)))
+        for _ in range(args.batch)
+    ]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    prompt_ids, prompt_mask = enc.input_ids, enc.attention_mask.bool()
+    count = math.ceil(args.stop_fraction * vocab)
+    stops = list(range(3, 3 + count)) if count else [vocab]  # vocab: an id the model cannot sample
+
+    def package(engine: str, merge: bool) -> Callable[[], torch.Tensor]:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, engine=engine, merge_lora=merge)
+        return lambda: _sample_responses(policy, prompt_ids, prompt_mask, config, stops, tokenizer.pad_token_id, False)
+
+    def plain() -> torch.Tensor:
+        out = policy.lm.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=True,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return out[:, prompt_ids.shape[1] :]
+
+    variants = {
+        "plain_generate": plain,
+        "hf_merged": package("hf", True),
+        "cached_unmerged": package("cached", False),
+        "cached_merged": package("cached", True),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    tokens: dict[str, list[int]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for fn in variants.values():  # warm-up
+            fn()
+        for repeat in range(args.repeats):
+            for name, fn in variants.items():
+                torch.manual_seed(args.seed + repeat)  # the same draws for every variant in this repeat
+                started = time.perf_counter()
+                out = fn()
+                seconds[name].append(time.perf_counter() - started)
+                _, mask, _ = truncate_at_stop(out, stops, tokenizer.pad_token_id)
+                tokens[name].append(int(mask.sum()))
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    # Tokens/s, not seconds, is compared: with stop tokens the variants sample different responses (the cached engine
+    # draws fewer random numbers once rows leave the batch), so their lengths differ a little.
+    rate = {name: statistics.mean(tokens[name]) / median[name] for name in variants}
+    result = {
+        "config": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "layers": args.layers,
+            "heads": args.heads,
+            "vocab": vocab,
+            "lora_r": args.lora_r,
+            "batch": args.batch,
+            "prompt_len": list(args.prompt_len),
+            "max_new_tokens": args.max_new_tokens,
+            "stop_fraction": args.stop_fraction,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "seconds_median": {name: round(value, 4) for name, value in median.items()},
+        "response_tokens_mean": {name: round(statistics.mean(values), 1) for name, values in tokens.items()},
+        "tokens_per_sec": {name: round(value, 1) for name, value in rate.items()},
+        "speedup_vs_plain_generate": {name: round(rate[name] / rate["plain_generate"], 3) for name in variants},
+    }
+    print(json.dumps(result), file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    main()
