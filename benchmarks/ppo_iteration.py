@@ -22,9 +22,17 @@ Two modes:
 - ``--trainer``: whole ``trainer.fit`` iterations of ``PPOModule``; reports its ``perf/iteration_sec`` and
   ``perf/rollout_sec`` metrics and the wall time of each ``training_step`` as a cross-check.
 
-Equal token counts: ``lightning_rlhf.rollout`` has no ``min_new_tokens`` setting (it passes ``min_new_tokens=0``), so
-the rollout is given an EOS id equal to the vocabulary size, which the model cannot sample: every response is exactly
-``--max-new-tokens`` long in both designs. The script checks this.
+Equal token counts: the rollout is given an EOS id equal to the vocabulary size, which the model cannot sample: every
+response is exactly ``--max-new-tokens`` long in both designs. The script checks this. (It predates
+``GenerationConfig.min_new_tokens``, commit 0ca9c78, and keeps the unreachable EOS.)
+
+Utilization: the ``"utilization"`` block gives each phase's model FLOPs (:mod:`lightning_rlhf.flops`: matmuls only,
+from the iteration's actual token counts, prompt padding included; also over the real tokens alone) and those FLOPs
+per second over the rate of a square matmul measured in this process before and after the run (float32 on CPU,
+bfloat16 on CUDA).
+
+Scaling: ``--sweep length`` (or ``batch``) runs the benchmark once per response length (or batch size), each in its
+own process printing its own JSON line, with 2 timed iterations after 1 warm-up unless given.
 
 Run ``python benchmarks/ppo_iteration.py --help`` for the options; ``benchmarks/README.md`` has measured numbers.
 """
@@ -40,11 +48,12 @@ import random
 import resource
 import statistics
 import string
+import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +61,16 @@ from torch import Tensor, nn
 from lightning_rlhf import functional as F
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.flops import (
+    DecoderShape,
+    Lora,
+    MatmulRate,
+    forward_flops,
+    forward_work,
+    generation_work,
+    matmul_flops_per_sec,
+    train_flops,
+)
 from lightning_rlhf.models import (
     LoraConfig,
     PolicyConfig,
@@ -66,6 +85,16 @@ from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_
 from lightning_rlhf.types import Rollout
 
 DESIGNS: tuple[str, ...] = ("shared", "separate")
+SWEEPS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "length": ("--max-new-tokens", (32, 64, 128, 256)),
+    "batch": ("--batch", (8, 16, 32, 64, 128)),
+}
+"""``--sweep`` choices: the option each run overrides, and its default values."""
+RUN: dict[str, int] = {"iterations": 10, "warmup": 2}
+"""``--iterations`` and ``--warmup`` unless given."""
+SWEEP_RUN: dict[str, int] = {"iterations": 2, "warmup": 1}
+"""``--iterations`` and ``--warmup`` of each sweep run unless given: a sweep on 2 CPU cores takes a few minutes."""
+ROLLOUT_PHASES: tuple[str, ...] = ("generate", "old_logprobs_values_forward", "ref_forward")
 PROMPT_CHARS = string.ascii_lowercase + " "
 """Prompt alphabet: one byte, so one ByT5 token, per character."""
 ADAPTER_MARKERS: tuple[str, ...] = ("lora_", "modules_to_save")
@@ -196,32 +225,77 @@ def make_clock(device: torch.device) -> Callable[[], float]:
     return clock
 
 
+class ModelCall(NamedTuple):
+    """One scoring or update call of the model (``mode="policy"`` or ``"ref"``), as its forward pre-hook saw it."""
+
+    mode: str
+    rows: int
+    length: int
+    """Positions per row: prompt + response columns."""
+    logit_positions: int
+    """Positions per row with logits (and values): the length of ``logits_slice``."""
+    grad: bool
+    """Grad was enabled: an update step, whose backward follows."""
+
+    @property
+    def phase(self) -> str:
+        if self.grad:
+            return "update"
+        return "ref_forward" if self.mode == "ref" else "old_logprobs_values_forward"
+
+
 class ModeMarks:
     """Records when each ``model(..., mode=...)`` call starts and ends, through forward hooks.
 
-    ``generate_rollout`` calls the model with ``mode="generate"``, then ``"policy"``, then ``"ref"``; the marks split
-    its wall time into three phases without changing the code it runs.
+    ``generate_rollout`` samples (through ``mode="generate"``, or an engine that calls the LM directly), then calls
+    the model with ``mode="policy"``, then ``"ref"``; the marks split its wall time into three phases without
+    changing the code it runs. The marks also keep every scoring and update call's input shape (for model FLOPs),
+    and hooks on the LoRA ``A`` matrices record whether sampling ran the adapter or merged weights (no adapter matmuls).
     """
 
     def __init__(self, model: nn.Module, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.marks: dict[tuple[str, str], float] = {}
         self.active = False
+        self.sampling_adapter_rows = 0
+        """Rows the adapters' ``A`` matrices saw before the first policy forward of this rollout."""
+        self.calls: list[ModelCall] = []
         model.register_forward_pre_hook(self._start, with_kwargs=True)
         model.register_forward_hook(self._end, with_kwargs=True)
+        for name, module in model.named_modules():
+            if name.split(".")[-2:-1] == ["lora_A"]:  # peft: <layer>.lora_A.<adapter name>
+                module.register_forward_hook(self._adapter)
+
+    def reset(self) -> None:
+        """Forget the previous rollout's marks."""
+        self.marks.clear()
+        self.sampling_adapter_rows = 0
+        self.calls.clear()
+
+    def _adapter(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.active and ("start", "policy") not in self.marks:
+            self.sampling_adapter_rows += args[0].shape[:-1].numel()
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.active:
-            self.marks["start", kwargs.get("mode", "policy")] = self.clock()
+        if not self.active:
+            return
+        mode = kwargs.get("mode", "policy")
+        self.marks["start", mode] = self.clock()
+        if mode != "generate":
+            input_ids = args[0] if args else kwargs["input_ids"]
+            start, end = kwargs.get("logits_slice") or (0, input_ids.shape[1])
+            self.calls.append(ModelCall(mode, *input_ids.shape, end - start, torch.is_grad_enabled()))
 
     def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.active:
             self.marks["end", kwargs.get("mode", "policy")] = self.clock()
 
     def split(self, started: float, ended: float) -> dict[str, float]:
-        """Phase seconds: generate (to the end of generation, cut at the stop token excluded), old logprobs and
-        values (to the start of the reference forward), reference (to the end of the rollout)."""
-        generated, ref_started = self.marks["end", "generate"], self.marks["start", "ref"]
+        """Phase seconds: generate (to the end of ``mode="generate"``, cut at the stop token excluded; to the policy
+        forward for an engine that calls the LM directly), old logprobs and values (to the start of the reference
+        forward), reference (to the end of the rollout)."""
+        generated = self.marks.get(("end", "generate"), self.marks["start", "policy"])
+        ref_started = self.marks["start", "ref"]
         if not started <= generated <= self.marks["start", "policy"] <= ref_started <= ended:
             raise RuntimeError(f"generate_rollout called the model in an unexpected order: {self.marks}")
         return {
@@ -229,6 +303,117 @@ class ModeMarks:
             "old_logprobs_values_forward": ref_started - generated,
             "ref_forward": ended - ref_started,
         }
+
+
+# ------------------------------------------------------------------------------------------------------ model FLOPs
+# Conventions of lightning_rlhf.flops: matmuls only, so scoring, advantages, the grad norm and AdamW count 0 FLOPs.
+def call_flops(args: argparse.Namespace, shape: DecoderShape, call: ModelCall) -> int:
+    """Model FLOPs of one scoring or update call of the model (forward, and backward when it ran with grad).
+
+    The shared design reads logits and values from one backbone. The separate design's policy reads only logits, its
+    critic (a full backbone without ``lm_head``, trained in full) only values.
+    """
+    lora = None if args.full else Lora(rank=args.lora_r)
+    rows, length, logits = call.rows, call.length, call.logit_positions
+    if call.mode == "ref":
+        return forward_flops(shape, forward_work(rows, length, logits)).total
+    step = train_flops if call.grad else forward_flops
+    if args.design == "shared":
+        return step(shape, forward_work(rows, length, logits, logits), lora).total
+    return (
+        step(shape, forward_work(rows, length, logits), lora).total
+        + step(shape, forward_work(rows, length, 0, logits)).total
+    )
+
+
+def sampling_flops(
+    args: argparse.Namespace, shape: DecoderShape, rows: int, prompt_len: int, tokens: dict[str, Any]
+) -> int:
+    """Sampling ``tokens["new_tokens"]`` for ``rows`` prompts of ``prompt_len`` positions, all rows at once.
+
+    The adapter counts only if sampling ran it: an engine that merges it runs none (its ``B @ A`` merge is not counted).
+    """
+    lora = Lora(rank=args.lora_r) if tokens["sampling_lora"] else None
+    return forward_flops(shape, generation_work(rows, prompt_len, tokens["new_tokens"]), lora).total
+
+
+def with_totals(phases: Counter[str]) -> dict[str, int]:
+    """The phases in order, with the rollout (as ``--trainer`` times it) and the iteration total."""
+    rollout = sum(phases[phase] for phase in ROLLOUT_PHASES)
+    return {phase: phases[phase] for phase in ROLLOUT_PHASES} | {
+        "rollout_score_advantages": rollout,
+        "update": phases["update"],
+        "total": rollout + phases["update"],
+    }
+
+
+def executed_flops(args: argparse.Namespace, shape: DecoderShape, tokens: dict[str, Any]) -> dict[str, int]:
+    """Phase FLOPs of what ran: sampling over the padded prompts, and every model call with the shape it received
+    (the package drops columns that are padding in a whole micro-batch)."""
+    phases = Counter(generate=sampling_flops(args, shape, len(tokens["prompt_lengths"]), tokens["width"], tokens))
+    for call in tokens["calls"]:
+        phases[call.phase] += call_flops(args, shape, call)
+    return with_totals(phases)
+
+
+def real_token_flops(args: argparse.Namespace, shape: DecoderShape, tokens: dict[str, Any]) -> dict[str, int]:
+    """Phase FLOPs if every row ran alone, unpadded: ``ppo_epochs`` update passes over each row's real tokens."""
+    new_tokens, phases = tokens["new_tokens"], Counter[str]()
+    for prompt_len in tokens["prompt_lengths"]:
+        length = prompt_len + new_tokens
+        phases["generate"] += sampling_flops(args, shape, 1, prompt_len, tokens)
+        for mode, grad, repeats in (("policy", False, 1), ("ref", False, 1), ("policy", True, args.ppo_epochs)):
+            call = ModelCall(mode, 1, length, new_tokens, grad)
+            phases[call.phase] += repeats * call_flops(args, shape, call)
+    return with_totals(phases)
+
+
+def token_counts(prompt_mask: Tensor, new_tokens: int, marks: ModeMarks) -> dict[str, Any]:
+    """What one iteration pushed through the model: each prompt's real length, the padded width, the response length,
+    whether sampling ran the LoRA adapter, and the scoring and update calls of the model."""
+    return {
+        "prompt_lengths": prompt_mask.sum(-1).tolist(),
+        "width": prompt_mask.shape[1],
+        "new_tokens": new_tokens,
+        "sampling_lora": marks.sampling_adapter_rows > 0,
+        "calls": list(marks.calls),
+    }
+
+
+def utilization(
+    args: argparse.Namespace, result: dict[str, Any], timed: list[dict[str, float]], rates: list[MatmulRate]
+) -> dict[str, Any]:
+    """Per phase: model FLOPs, FLOP/s and FLOP/s over the matmul rate (medians over the timed iterations)."""
+    rate = statistics.mean(r.flops_per_sec for r in rates)
+    tokens = result["tokens"][args.warmup :]
+    executed = [executed_flops(args, result["shape"], t) for t in tokens]
+    real = [real_token_flops(args, result["shape"], t) for t in tokens]
+    phases = {}
+    for phase in executed[0]:
+        if phase not in timed[0]:
+            continue
+        flops_per_sec = [flops[phase] / it[phase] for flops, it in zip(executed, timed, strict=True)]
+        phases[phase] = {
+            "gflop": round(statistics.median(flops[phase] for flops in executed) / 1e9, 3),
+            "gflop_real_tokens": round(statistics.median(flops[phase] for flops in real) / 1e9, 3),
+            "gflop_per_sec": round(statistics.median(flops_per_sec) / 1e9, 2),
+            "utilization": round(statistics.median(flops_per_sec) / rate, 4),
+        }
+    return {
+        "matmul_gflop_per_sec": round(rate / 1e9, 2),
+        "matmul_gflop_per_sec_before_after": [round(r.flops_per_sec / 1e9, 2) for r in rates],
+        "matmul": f"{rates[0].n}x{rates[0].n} {str(rates[0].dtype).removeprefix('torch.')}",
+        "update_padding_fraction": round(update_padding_fraction(tokens, args.ppo_epochs), 4),
+        "sampling_ran_lora": any(t["sampling_lora"] for t in tokens),
+        "phases": phases,
+    }
+
+
+def update_padding_fraction(tokens: list[dict[str, Any]], ppo_epochs: int) -> float:
+    """The share of the positions the update ran that were padding."""
+    ran = sum(call.rows * call.length for t in tokens for call in t["calls"] if call.phase == "update")
+    real = sum(ppo_epochs * (p + t["new_tokens"]) for t in tokens for p in t["prompt_lengths"])
+    return 1 - real / ran
 
 
 # -------------------------------------------------------------------------------------------------------- the setup
@@ -317,6 +502,7 @@ def score_and_advantages(module: PPOModule, prompts: list[str], rollout: Rollout
 def minibatch_loss(module: PPOModule, part: Rollout) -> Tensor:
     """``PPOModule._loss`` without the metric bookkeeping."""
     ppo, temperature = module.ppo, module.generation.temperature
+    part = part.trim_padding()  # as PPOModule._loss (commit a2da853)
     out = forward_response(
         module.model, part.prompt_ids, part.prompt_mask, part.response_ids, part.response_mask, temperature
     )
@@ -360,8 +546,8 @@ def ppo_update(
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if not (math.isfinite(float(grad_norm)) and math.isfinite(float(loss))):
                 raise RuntimeError("non-finite loss or gradient norm; the timing would not be of a normal update")
-            if ppo.max_grad_norm is not None:  # what Lightning's clip_gradients(..., "norm") calls
-                torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+            if ppo.max_grad_norm is not None:  # clipped with the norm just computed, as PPOModule (commit 11b7ae1)
+                torch.nn.utils.clip_grads_with_norm_(params, ppo.max_grad_norm, grad_norm)
             t3 = clock()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -384,18 +570,19 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
     data.setup("fit")
     eos, pad = unreachable_eos(module.tokenizer), module.tokenizer.pad_token_id
     iterations: list[dict[str, float]] = []
+    tokens: list[dict[str, Any]] = []
     for batch in data.train_dataloader():
         prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
         module.model.zero_grad(set_to_none=True)
         seconds: dict[str, float] = {}
         split = getattr(module.model, "seconds", None)
+        marks.reset()
         started = clock()
         marks.active = True
         rollout = generate_rollout(
             module.model, prompt_ids, prompt_mask, module.generation, eos_token_id=eos, pad_token_id=pad
         )
         rolled = clock()
-        marks.active = False
         seconds |= marks.split(started, rolled)
         if split is not None:  # the separate design's policy and critic forwards inside old_logprobs_values_forward
             seconds |= {f"rollout_{k}_forward": v for k, v in split.items()}
@@ -406,6 +593,8 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
         update_started = clock()
         update_seconds = ppo_update(module, rollout, optimizer, clock)
         seconds["update"] = clock() - update_started
+        marks.active = False
+        tokens.append(token_counts(prompt_mask, rollout.response_ids.shape[1], marks))
         seconds |= {f"update_{k}": v for k, v in update_seconds.items()}
         if split is not None:
             seconds |= {f"update_{k}_forward": v for k, v in split.items()}
@@ -414,6 +603,9 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
         iterations.append(seconds)
     return {
         "iterations": iterations,
+        "tokens": tokens,
+        "shape": DecoderShape.from_config(module.model.lm.config),
+        "generation": dataclasses.asdict(module.generation),
         "vocab": len(module.tokenizer),
         "param_bytes": parameter_bytes(module.model),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
@@ -425,14 +617,23 @@ def run_trainer(args: argparse.Namespace, device: torch.device, prompts: list[st
     from lightning.pytorch import Callback, Trainer
 
     iterations: list[dict[str, float]] = []
+    tokens: list[dict[str, Any]] = []
     clock = make_clock(device)
 
     class IterationTimes(Callback):
+        marks: ModeMarks | None = None
+
         def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.marks = self.marks or ModeMarks(pl_module.model, clock)
+            self.marks.reset()
+            self.marks.active = True
             self.started = clock()
 
         def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
             wall = clock() - self.started
+            self.marks.active = False
+            # Responses are max_new_tokens long: checked below.
+            tokens.append(token_counts(batch["prompt_mask"], args.max_new_tokens, self.marks))
             metrics = trainer.callback_metrics
             total, rollout = float(metrics["perf/iteration_sec"]), float(metrics["perf/rollout_sec"])
             if float(metrics["rollout/response_len"]) != args.max_new_tokens:
@@ -456,6 +657,9 @@ def run_trainer(args: argparse.Namespace, device: torch.device, prompts: list[st
     trainer.fit(module, datamodule=data)
     return {
         "iterations": iterations,
+        "tokens": tokens,
+        "shape": DecoderShape.from_config(module.model.lm.config),
+        "generation": dataclasses.asdict(module.generation),
         "vocab": len(module.tokenizer),
         "param_bytes": parameter_bytes(module.model),
         "optimizer_state_bytes": optimizer_state_bytes(module.optimizers().optimizer),
@@ -482,13 +686,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ppo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     ppo.add_argument("--num-minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
     run = parser.add_argument_group("run")
-    run.add_argument("--iterations", type=int, default=10, help="timed PPO iterations")
-    run.add_argument("--warmup", type=int, default=2, help="untimed PPO iterations first")
+    run.add_argument(
+        "--iterations",
+        type=int,
+        help=f"timed PPO iterations; None: {RUN['iterations']}, or {SWEEP_RUN['iterations']} per sweep run",
+    )
+    run.add_argument(
+        "--warmup",
+        type=int,
+        help=f"untimed PPO iterations first; None: {RUN['warmup']}, or {SWEEP_RUN['warmup']} per sweep run",
+    )
     run.add_argument("--trainer", action="store_true", help="time trainer.fit iterations of PPOModule instead")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling, shuffling, LoRA init")
+    sweep = parser.add_argument_group("scaling sweep")
+    sweep.add_argument(
+        "--sweep",
+        choices=("none", *SWEEPS),
+        default="none",
+        help="run the benchmark once per response length (--max-new-tokens) or per --batch, each run in its own "
+        "process printing its own JSON line",
+    )
+    sweep.add_argument(
+        "--sweep-values",
+        type=int,
+        nargs="+",
+        help="values to sweep; None: " + "; ".join(f"{k} {' '.join(map(str, v))}" for k, (_, v) in SWEEPS.items()),
+    )
     args = parser.parse_args(argv)
+    for name, default in (RUN if args.sweep == "none" else SWEEP_RUN).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
     if not 1 <= args.prompt_len[0] <= args.prompt_len[1]:
@@ -496,7 +725,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def summarize(args: argparse.Namespace, device: torch.device, result: dict[str, Any], wall: float) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace, device: torch.device, result: dict[str, Any], wall: float, rates: list[MatmulRate]
+) -> dict[str, Any]:
     timed = result["iterations"][args.warmup :]
     phases = list(dict.fromkeys(k for it in timed for k in it))
     median = {k: statistics.median(it.get(k, 0.0) for it in timed) for k in phases}
@@ -514,6 +745,7 @@ def summarize(args: argparse.Namespace, device: torch.device, result: dict[str, 
             "batch": args.batch,
             "prompt_len": list(args.prompt_len),
             "max_new_tokens": args.max_new_tokens,
+            "generation": result["generation"],
             "ppo_epochs": args.ppo_epochs,
             "num_minibatches": args.num_minibatches,
             "lora_r": "full" if args.full else args.lora_r,
@@ -538,20 +770,37 @@ def summarize(args: argparse.Namespace, device: torch.device, result: dict[str, 
         ),
         "param_bytes": result["param_bytes"],
         "optimizer_state_bytes": result["optimizer_state_bytes"],
+        "utilization": utilization(args, result, timed, rates),
         "wall_seconds": round(wall, 1),
     }
 
 
+def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
+    """One benchmark run per sweep value, each in a fresh process (its own peak RSS), printing its own JSON line."""
+    option, defaults = SWEEPS[args.sweep]
+    for value in args.sweep_values or defaults:
+        # Later options win: the run gets this script's arguments with the sweep turned off and one value set.
+        point = ["--sweep", "none", "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+        subprocess.run([sys.executable, __file__, *argv, *point, option, str(value)], check=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.sweep != "none":
+        run_sweep(args, argv)
+        return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     prompts = make_prompts(args.batch * (args.warmup + args.iterations), *args.prompt_len, seed=args.seed)
+    rates = [matmul_flops_per_sec(device)]  # before and after the run: their spread shows drift in the machine
     result = (run_trainer if args.trainer else run_direct)(args, device, prompts)
-    print(json.dumps(summarize(args, device, result, time.perf_counter() - started)), file=sys.stdout, flush=True)
+    rates.append(matmul_flops_per_sec(device))
+    summary = summarize(args, device, result, time.perf_counter() - started, rates)
+    print(json.dumps(summary), file=sys.stdout, flush=True)
 
 
 if __name__ == "__main__":
