@@ -401,6 +401,8 @@ class PPOModule(LightningModule):
         if self.ppo.stats_scope == "global":
             tokens = self._all_reduce_sum(tokens) / self.trainer.world_size
         minibatch_stats = GlobalStats()
+        if micro < len(minibatch):  # similar lengths in each micro-batch: less padding (the gradient sum is the same)
+            minibatch = minibatch.select(minibatch.length_order())
         for start in range(0, len(minibatch), micro):
             part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals

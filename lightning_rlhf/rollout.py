@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lightning_rlhf.functional import logprobs_from_logits
 from lightning_rlhf.generation import ENGINES, Engine, cached_decode, hf_generate, lora_merge_blocker, merged_lora
 from lightning_rlhf.models import PolicyValueModel
-from lightning_rlhf.types import Rollout, padding_extent
+from lightning_rlhf.types import Rollout, length_order, padding_extent
 
 _NO_NEUTRAL_VALUE: tuple[str, ...] = (
     "bad_words_ids",
@@ -210,8 +210,11 @@ def _generate_and_score(
         pad_token_id,
     )
     parts: dict[str, list[Tensor]] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
-    for rows in _micro_batches(prompt_ids.shape[0], micro_batch_size):
-        # Only the columns some row of this micro-batch uses go through the model; outputs are zero-padded back.
+    # Micro-batches of similar lengths, so each pads less; only the columns some row of a micro-batch uses go through
+    # the model, and its outputs are zero-padded back to the rollout's width and put back in row order.
+    order = length_order(prompt_mask, response_mask)
+    for chunk in _micro_batches(prompt_ids.shape[0], micro_batch_size):
+        rows = order[chunk]
         start, end = padding_extent(prompt_mask[rows], response_mask[rows])
         args = (
             prompt_ids[rows, start:],
@@ -231,7 +234,7 @@ def _generate_and_score(
         response_ids=response_ids,
         response_mask=response_mask,
         ended=ended,
-        **{name: torch.cat(chunks) for name, chunks in parts.items()},
+        **{name: torch.cat(chunks)[torch.argsort(order)] for name, chunks in parts.items()},
     )
 
 

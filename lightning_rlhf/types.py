@@ -127,6 +127,14 @@ class Rollout:
         order = torch.randperm(size, generator=generator).to(self.response_ids.device)
         return [self.select(chunk) for chunk in order.chunk(num_minibatches)]
 
+    def length_order(self) -> Tensor:
+        """Row indices from the longest sequence to the shortest (real prompt + response tokens; ties keep order).
+
+        Micro-batches cut from consecutive rows of this order share their padding, so :meth:`trim_padding` can drop
+        more of it.
+        """
+        return length_order(self.prompt_mask, self.response_mask)
+
     def trim_padding(self) -> Rollout:
         """The same rows without the columns that are padding in every row.
 
@@ -184,3 +192,8 @@ def padding_extent(prompt_mask: Tensor, response_mask: Tensor) -> tuple[int, int
     end = (used.int() * torch.arange(1, used.numel() + 1, device=used.device)).max()  # one past the last used column
     start, end = torch.stack([start, end]).tolist()
     return start, max(end, 1)
+
+
+def length_order(prompt_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """(B,) row indices from the most real tokens (prompt + response) to the fewest; ties keep their order."""
+    return torch.argsort(prompt_mask.sum(-1) + response_mask.sum(-1), descending=True, stable=True)

@@ -540,6 +540,10 @@ def test_update_forwards_skip_columns_that_are_padding_in_every_row():
     scoring = widths[False][::2]  # policy forward, then reference forward, per row
     assert sorted(widths[True]) == sorted(scoring)
     assert len(set(scoring)) > 1
+    # Within each minibatch (2 rows) the micro-batches run longest first: grouped by length, so they pad less.
+    update = widths[True]
+    assert all(update[i] >= update[i + 1] for i in range(0, len(update), 2))
+    assert update != sorted(update, reverse=True)  # the minibatches themselves are still shuffled
 
 
 def test_bf16_mixed_precision_runs_the_model_in_bf16_and_keeps_float32_weights():

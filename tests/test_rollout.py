@@ -244,10 +244,35 @@ def test_scoring_forwards_skip_columns_that_are_padding_in_every_row(tokenizer, 
         r = rollout(model, prompts, micro_batch_size=1)
     finally:
         hook.remove()
-    # One row per micro-batch: the policy and the reference forward see that row's own prompt and response only.
+    # One row per micro-batch, longest first: the policy and the reference forward see that row's own prompt and
+    # response only.
     own = (r.prompt_mask.sum(-1) + r.response_mask.sum(-1)).tolist()
-    assert widths == [w for w in own for _ in ("policy", "ref")]
+    assert widths == [w for w in sorted(own, reverse=True) for _ in ("policy", "ref")]
     assert min(own) < r.prompt_ids.shape[1] + r.response_ids.shape[1]  # something was trimmed
     full = rescore(model, r)  # the whole batch at full width gives the same logprobs and values
     torch.testing.assert_close(r.old_logprobs, full.logprobs)
     torch.testing.assert_close(r.old_values, full.values)
+
+
+def test_micro_batches_are_cut_from_rows_of_similar_length(tokenizer, prompts):
+    # Two rows per micro-batch over prompts of 15, 4, 2, 11 and 1 tokens: grouped by length, the micro-batches pad
+    # to 15 + 11 and 4 + 2 (+ 1 alone) columns instead of 15 + 4, 11 + 2, 1; the results come back in row order.
+    model = build(tokenizer)
+    texts = ["the quick brown", "abcd", "xy", "hello there", "q"]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    batch = (enc.input_ids, enc.attention_mask.bool())
+    widths = []
+    decoder = model.lm.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)) if kw.get("use_cache") is False else None,
+        with_kwargs=True,
+    )
+    try:
+        r = rollout(model, batch, micro_batch_size=2, max_new_tokens=3, stop_token_ids=[])
+    finally:
+        hook.remove()
+    assert bool(r.response_mask.all())  # every response is 3 tokens: the width is set by the prompts
+    assert [w for w in widths[::2]] == [(2, 15 + 3), (2, 4 + 3), (1, 1 + 3)]
+    full = rescore(model, r)
+    torch.testing.assert_close(r.old_logprobs, full.logprobs)
+    torch.testing.assert_close(r.ref_logprobs, rescore(model, r, mode="ref").logprobs)
