@@ -434,7 +434,9 @@ def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "policy": PolicyConfig(tiny=tiny),
         "lora": LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
-        "generation": GenerationConfig(max_new_tokens=args.max_new_tokens),
+        "generation": GenerationConfig(
+            max_new_tokens=args.max_new_tokens, engine=args.engine, merge_lora=not args.no_merge_lora
+        ),
         "ppo": PPOConfig(ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches),
         "reward": CharFractionReward(),
     }
@@ -544,7 +546,7 @@ def ppo_update(
             t2 = clock()
             # PPOModule._grad_norm (logged as policy/grad_norm), read on the host with the loss for the skip check.
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not (math.isfinite(float(grad_norm)) and math.isfinite(float(loss))):
+            if not (math.isfinite(float(grad_norm)) and math.isfinite(float(loss.detach()))):
                 raise RuntimeError("non-finite loss or gradient norm; the timing would not be of a normal update")
             if ppo.max_grad_norm is not None:  # clipped with the norm just computed, as PPOModule (commit 11b7ae1)
                 torch.nn.utils.clip_grads_with_norm_(params, ppo.max_grad_norm, grad_norm)
@@ -683,6 +685,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ppo.add_argument("--batch", type=int, default=32, help="prompts per rollout")
     ppo.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="bytes")
     ppo.add_argument("--max-new-tokens", type=int, default=32, help="response length (every response has it)")
+    ppo.add_argument("--engine", choices=("auto", "cached", "hf"), default="auto", help="generation.engine")
+    ppo.add_argument("--no-merge-lora", action="store_true", help="generation.merge_lora false (sample unmerged)")
     ppo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     ppo.add_argument("--num-minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
     run = parser.add_argument_group("run")
@@ -749,6 +753,8 @@ def summarize(
             "ppo_epochs": args.ppo_epochs,
             "num_minibatches": args.num_minibatches,
             "lora_r": "full" if args.full else args.lora_r,
+            "engine": args.engine,
+            "merge_lora": not args.no_merge_lora,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
