@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
-from lightning_rlhf.rollout import GenerationConfig, _sample_responses, truncate_at_stop
+from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
 
 VARIANTS: tuple[str, ...] = ("plain_generate", "hf_merged", "cached_unmerged", "cached_merged")
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def package(engine: str, merge: bool) -> Callable[[], torch.Tensor]:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, engine=engine, merge_lora=merge)
-        return lambda: _sample_responses(policy, prompt_ids, prompt_mask, config, stops, tokenizer.pad_token_id, False)
+        return lambda: sample_responses(policy, prompt_ids, prompt_mask, config, stops, tokenizer.pad_token_id, False)
 
     def plain() -> torch.Tensor:
         out = policy.lm.generate(

@@ -279,9 +279,9 @@ def merged_lora(lm: peft.PeftModel) -> Iterator[None]:
     """Merge the adapter into the base weights, run the body with the adapter disabled, restore the weights exactly.
 
     ``W + delta - delta`` is not always ``W`` in floating point, so the few elements whose round trip would differ
-    are saved before the merge and written back afterwards: the base weights (the reference policy) come back bit for
-    bit. ``delta`` is recomputed for the restore, never stored, so the extra memory is one layer's ``delta`` at a
-    time plus the saved elements. Check :func:`lora_merge_blocker` first.
+    in any bit are saved before the merge and written back afterwards: the base weights (the reference policy) come
+    back bit for bit. ``delta`` is recomputed for the restore, never stored, so the extra memory is one layer's
+    ``delta`` at a time plus the saved elements. Check :func:`lora_merge_blocker` first.
     """
     layers = [m for m in lm.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     restores: list[tuple[peft.tuners.lora.Linear, Tensor, Tensor]] = []
@@ -291,7 +291,7 @@ def merged_lora(lm: peft.PeftModel) -> Iterator[None]:
                 weight = layer.get_base_layer().weight
                 delta = layer.get_delta_weight(layer.active_adapters[0]).to(weight.dtype)
                 merged = weight + delta
-                differs = (merged - delta) != weight  # NaN != NaN, so a NaN weight is restored too
+                differs = _bits(merged - delta) != _bits(weight)  # compared as bits: -0.0 and NaN payloads count
                 restores.append((layer, differs.nonzero(as_tuple=True), weight[differs]))
                 weight.copy_(merged)
         with lm.disable_adapter():
@@ -302,3 +302,8 @@ def merged_lora(lm: peft.PeftModel) -> Iterator[None]:
                 weight = layer.get_base_layer().weight
                 weight.sub_(layer.get_delta_weight(layer.active_adapters[0]).to(weight.dtype))
                 weight[index] = original
+
+
+def _bits(tensor: Tensor) -> Tensor:
+    """The raw bits of a floating-point tensor, as integers of the same width."""
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])

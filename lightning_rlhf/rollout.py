@@ -205,7 +205,7 @@ def _generate_and_score(
     synced_gpus: bool,
 ) -> Rollout:
     response_ids, response_mask, ended = truncate_at_stop(
-        _sample_responses(model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus),
+        sample_responses(model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus),
         stop_token_ids,
         pad_token_id,
     )
@@ -238,7 +238,7 @@ def _generate_and_score(
     )
 
 
-def _sample_responses(
+def sample_responses(
     model: PolicyValueModel,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
@@ -247,7 +247,12 @@ def _sample_responses(
     pad_token_id: int,
     synced_gpus: bool,
 ) -> Tensor:
-    """(B, T') sampled tokens from the configured engine, in ``generation.batch_size`` chunks, padded to one width."""
+    """Sample one response per prompt with ``generation.engine``; no scoring (see :func:`generate_rollout`).
+
+    The adapter is merged for the whole call when ``generation.merge_lora`` allows it; prompts go to the engine in
+    chunks of ``generation.batch_size`` rows. Returns (B, T') long tokens, padded with ``pad_token_id`` to the
+    longest chunk; anything after a row's first stop token is to be ignored (:func:`truncate_at_stop`).
+    """
     engine = generation.engine if generation.engine != "auto" else ("hf" if synced_gpus else "cached")
     if engine == "cached" and synced_gpus:
         raise ValueError(

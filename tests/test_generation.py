@@ -137,12 +137,12 @@ def test_merged_lora_restores_the_base_weights_bit_for_bit(tokenizer):
     model = build(tokenizer)
     layer = model.lm.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():  # weights whose round trip W + delta - delta is not W (tiny against a large delta)
-        layer.base_layer.weight[0, :4] = torch.tensor([1e-9, -3e-8, 1e-30, float("nan")])
+        layer.base_layer.weight[0, :5] = torch.tensor([1e-9, -3e-8, 1e-30, float("nan"), -0.0])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     delta = layer.get_delta_weight("default")
     assert not torch.equal((layer.base_layer.weight + delta) - delta, layer.base_layer.weight)
     with merged_lora(model.lm):
-        torch.testing.assert_close(layer.base_layer.weight[:, 4:], (before[_q_name(model)] + delta)[:, 4:])
+        torch.testing.assert_close(layer.base_layer.weight[:, 5:], (before[_q_name(model)] + delta)[:, 5:])
     for name, param in model.named_parameters():
         assert torch.equal(param.view(-1).view(torch.int32), before[name].view(-1).view(torch.int32)), name
 
