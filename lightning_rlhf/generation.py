@@ -285,8 +285,10 @@ def merged_lora(lm: peft.PeftModel) -> Iterator[None]:
     """
     layers = [m for m in lm.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     restores: list[tuple[peft.tuners.lora.Linear, Tensor, Tensor]] = []
+    # ``delta`` in the weights' own precision even inside an autocast region (bf16-mixed), in both directions.
+    device_type = layers[0].get_base_layer().weight.device.type if layers else "cpu"
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
             for layer in layers:
                 weight = layer.get_base_layer().weight
                 delta = layer.get_delta_weight(layer.active_adapters[0]).to(weight.dtype)
@@ -297,7 +299,7 @@ def merged_lora(lm: peft.PeftModel) -> Iterator[None]:
         with lm.disable_adapter():
             yield
     finally:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
             for layer, index, original in restores:
                 weight = layer.get_base_layer().weight
                 weight.sub_(layer.get_delta_weight(layer.active_adapters[0]).to(weight.dtype))

@@ -209,3 +209,12 @@ def test_llama_layers_get_the_preallocated_cache(tokenizer):
 
     cache = _kv_cache(build(tokenizer).lm.config, max_len=40)
     assert [type(layer) for layer in cache.layers] == [_PreallocatedLayer] * TINY.num_hidden_layers
+
+
+def test_merged_lora_merges_in_full_precision_inside_autocast(tokenizer):
+    # Under bf16-mixed the rollout runs inside autocast; the merged weight must still be W + delta in float32.
+    model = build(tokenizer)
+    layer = model.lm.base_model.model.model.layers[0].mlp.down_proj
+    expected = layer.base_layer.weight.detach() + layer.get_delta_weight("default")
+    with torch.autocast("cpu", dtype=torch.bfloat16), merged_lora(model.lm):
+        torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=0)
