@@ -7,10 +7,11 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
+from lightning_rlhf.generation import cached_decode, hf_generate, merged_lora
+from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
 from lightning_rlhf.module import PPOConfig, PPOModule
 from lightning_rlhf.rewards import CharFractionReward
-from lightning_rlhf.rollout import GenerationConfig
+from lightning_rlhf.rollout import GenerationConfig, truncate_at_stop
 
 pytestmark = pytest.mark.gpu
 
@@ -33,3 +34,25 @@ def test_bf16_iteration_on_one_gpu(precision):
     assert all(math.isfinite(float(v)) for v in metrics.values())
     assert float(metrics["policy/updates"]) == 4.0
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def test_cached_engine_matches_generate_on_cuda_and_restores_merged_weights():
+    # The CPU tests' engine equivalence on the GPU (float32, so both paths pick the same argmax), with the LoRA merge.
+    seed_everything(0, verbose=False)
+    tokenizer = load_tokenizer(PolicyConfig())
+    model = build_policy(PolicyConfig(tiny=TinyModelConfig(hidden_size=64)), LoraConfig(), tokenizer).cuda().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    enc = tokenizer(["the quick brown", "ab", "xyz!"], add_special_tokens=False, padding=True, return_tensors="pt")
+    prompts = (enc.input_ids.cuda(), enc.attention_mask.bool().cuda())
+    config = GenerationConfig(max_new_tokens=12, do_sample=False)
+    stops = [1, 101]
+    with torch.no_grad(), merged_lora(model.lm):
+        cached = truncate_at_stop(cached_decode(model, *prompts, config, stops, 0), stops, 0)
+        hf = truncate_at_stop(hf_generate(model, *prompts, config, stops, 0), stops, 0)
+    for a, b in zip(cached, hf, strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
