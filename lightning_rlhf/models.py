@@ -349,7 +349,9 @@ class PolicyValueModel(nn.Module):
             raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
         if mode == "policy":
             hidden = self._hidden(self._causal_lm(self.lm), input_ids, attention_mask, logits_slice)
-            values = self.value_head(hidden.float()).squeeze(-1)
+            # float32 unless the whole module was cast (precision bf16-true): the head reads the hidden state in its
+            # own dtype, and the values leave in float32 for the PPO math either way.
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
             return self._logits(self._causal_lm(self.lm), hidden), values
         if self.ref_lm is not None:
             return self._logits(self.ref_lm, self._hidden(self.ref_lm, input_ids, attention_mask, logits_slice))

@@ -32,7 +32,7 @@ def test_bf16_iteration_on_one_gpu(precision):
     trainer.fit(module, datamodule=PromptDataModule(task="lowercase", batch_size=8))
     metrics = trainer.logged_metrics
     assert all(math.isfinite(float(v)) for v in metrics.values())
-    assert float(metrics["policy/updates"]) == 4.0
+    assert float(metrics["policy/updates"]) == module.ppo.ppo_epochs * module.ppo.num_minibatches
     assert torch.cuda.max_memory_allocated() > 0
 
 

@@ -561,3 +561,20 @@ def test_bf16_mixed_precision_runs_the_model_in_bf16_and_keeps_float32_weights()
     metrics = trainer.logged_metrics
     for name in ("loss/total", "policy/approx_kl", "objective/kl", "policy/grad_norm"):
         assert math.isfinite(float(metrics[name])), name
+
+
+def test_bf16_true_precision_trains_with_every_weight_in_bf16():
+    # precision: bf16-true (the Qwen recipe's) converts the whole module, value head included, to bf16: the value head
+    # must take the hidden state in its own dtype, and the values still come out float32 for the PPO math.
+    module = make_module()
+    module.configure_model()
+    values = []
+    module.model.value_head.register_forward_hook(lambda m, a, out: values.append(out.dtype))
+    trainer = Trainer(max_steps=1, accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert set(values) == {torch.bfloat16}
+    metrics = trainer.logged_metrics
+    assert float(metrics["policy/updates"]) == module.ppo.ppo_epochs * module.ppo.num_minibatches
+    for name in ("loss/total", "loss/value", "value/explained_var", "objective/kl", "policy/grad_norm"):
+        assert math.isfinite(float(metrics[name])), name
