@@ -20,7 +20,8 @@ transformers' order) and use the global torch RNG. With ``min_new_tokens`` the s
 many tokens, as transformers does; like ``top_k`` and ``top_p``, that truncation is not in the logprobs.
 
 :func:`merged_lora` merges a LoRA adapter into the base weights for the duration of generation (two small matmuls
-less per adapted layer and step) and restores the base weights bit for bit afterwards.
+less per adapted layer and step) and restores the base weights bit for bit afterwards. Under autocast (``bf16-mixed``)
+:func:`autocast_weights_once` casts each weight once per sampling call instead of once per decode step.
 """
 
 from __future__ import annotations
@@ -309,3 +310,31 @@ def merged_lora(lm: peft.PeftModel) -> Iterator[None]:
 def _bits(tensor: Tensor) -> Tensor:
     """The raw bits of a floating-point tensor, as integers of the same width."""
     return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+@contextlib.contextmanager
+def autocast_weights_once(module: nn.Module, device_type: str) -> Iterator[None]:
+    """Inside an autocast region (``bf16-mixed``), cast each weight of ``module`` once for the body, not every forward.
+
+    Lightning runs ``training_step`` under autocast with its weight-cast cache off (a cached cast would go stale at the
+    optimizer step), so every decode step would cast every float32 weight again: one cast kernel per weight and step.
+    Sampling changes no weight, so here the cache is on. Autocast caches the casts of leaf tensors that require grad,
+    so frozen weights (the LoRA base) are marked as requiring grad for the body (gradients are off: nothing records
+    them) and unmarked afterwards. The cache is cleared on entry (casts of weights changed since) and on exit (the
+    next forward casts the weights as they are then). Extra memory: one copy of the weights in the autocast dtype.
+    Outside autocast, or with gradients on, this does nothing.
+    """
+    if not torch.is_autocast_enabled(device_type) or torch.is_grad_enabled():
+        yield
+        return
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    torch.clear_autocast_cache()
+    try:
+        for param in frozen:
+            param.requires_grad_(True)
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+            yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+        torch.clear_autocast_cache()

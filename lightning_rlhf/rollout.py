@@ -29,7 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rlhf.functional import logprobs_from_logits
-from lightning_rlhf.generation import ENGINES, Engine, cached_decode, hf_generate, lora_merge_blocker, merged_lora
+from lightning_rlhf.generation import (
+    ENGINES,
+    Engine,
+    autocast_weights_once,
+    cached_decode,
+    hf_generate,
+    lora_merge_blocker,
+    merged_lora,
+)
 from lightning_rlhf.models import PolicyValueModel
 from lightning_rlhf.types import Rollout, length_order, padding_extent
 
@@ -249,7 +257,8 @@ def sample_responses(
 ) -> Tensor:
     """Sample one response per prompt with ``generation.engine``; no scoring (see :func:`generate_rollout`).
 
-    The adapter is merged for the whole call when ``generation.merge_lora`` allows it; prompts go to the engine in
+    The adapter is merged for the whole call when ``generation.merge_lora`` allows it, and under autocast the weights
+    are cast once for the call (:func:`~lightning_rlhf.generation.autocast_weights_once`); prompts go to the engine in
     chunks of ``generation.batch_size`` rows. Returns (B, T') long tokens, padded with ``pad_token_id`` to the
     longest chunk; anything after a row's first stop token is to be ignored (:func:`truncate_at_stop`).
     """
@@ -260,8 +269,11 @@ def sample_responses(
         )
     sample: Engine = cached_decode if engine == "cached" else functools.partial(hf_generate, synced_gpus=synced_gpus)
     merge = generation.merge_lora and lora_merge_blocker(model.lm) is None
+    # The weights are cast for autocast after the merge and before the restore; not for a sharded model (its
+    # parameters are shards that each forward gathers).
+    cast_once = contextlib.nullcontext() if synced_gpus else autocast_weights_once(model.lm, prompt_ids.device.type)
     chunks = []
-    with merged_lora(model.lm) if merge else contextlib.nullcontext():
+    with merged_lora(model.lm) if merge else contextlib.nullcontext(), cast_once:
         for rows in _micro_batches(prompt_ids.shape[0], generation.batch_size):
             chunks.append(sample(model, prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id))
     width = max(chunk.shape[1] for chunk in chunks)

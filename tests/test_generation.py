@@ -3,13 +3,17 @@ batch, min_new_tokens, generation chunks, and the exact LoRA merge."""
 
 from __future__ import annotations
 
+from collections import Counter
+from contextlib import nullcontext
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_rlhf.generation import cached_decode, hf_generate, lora_merge_blocker, merged_lora
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, TinyModelConfig, build_policy
 from lightning_rlhf.models import load_tokenizer as _load_tokenizer
-from lightning_rlhf.rollout import GenerationConfig, generate_rollout, truncate_at_stop
+from lightning_rlhf.rollout import GenerationConfig, generate_rollout, sample_responses, truncate_at_stop
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 PAD, EOS = 0, 1  # ByT5
@@ -218,3 +222,40 @@ def test_merged_lora_merges_in_full_precision_inside_autocast(tokenizer):
     expected = layer.base_layer.weight.detach() + layer.get_delta_weight("default")
     with torch.autocast("cpu", dtype=torch.bfloat16), merged_lora(model.lm):
         torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=0)
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts, per parameter, the dtype conversions that read it (autocast's weight casts)."""
+
+    def __init__(self, params) -> None:
+        super().__init__()
+        self.ids = {id(p): name for name, p in params}
+        self.casts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and id(args[0]) in self.ids:
+            self.casts[self.ids[id(args[0])]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_sampling_under_autocast_casts_each_weight_once(tokenizer, prompts, lora):
+    # Lightning's bf16-mixed autocast has its weight-cast cache off, so each decode step would cast every weight again.
+    # sample_responses casts each weight once per call (frozen LoRA base weights included) and samples the same tokens.
+    model = build(tokenizer, LoraConfig(enabled=lora))
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, engine="cached", merge_lora=lora)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)  # as Lightning's bf16-mixed plugin
+    with torch.no_grad(), autocast:
+        with _WeightCasts(model.lm.named_parameters()) as every_step, merged_lora(model.lm) if lora else nullcontext():
+            expected = cached_decode(model, *prompts, config, [NEVER], PAD)
+        with _WeightCasts(model.lm.named_parameters()) as once:
+            tokens = sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False)
+    assert torch.equal(tokens, expected)
+    q_proj = next(name for name in once.casts if "layers.0.self_attn.q_proj" in name and "lora" not in name)
+    assert every_step.casts[q_proj] == config.max_new_tokens  # prefill + 5 decode steps without the cache
+    assert once.casts[q_proj] == 1
+    assert set(once.casts.values()) == {1}
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
