@@ -20,16 +20,19 @@ Run ``python benchmarks/generation.py --help`` for the options; ``benchmarks/REA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import statistics
 import string
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
+from presets import PRESETS, save_random_model
 
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
@@ -45,17 +48,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument(
+        "--preset",
+        choices=("none", *PRESETS),
+        default="none",
+        help="a published architecture with random weights (benchmarks/presets.py) instead of the tiny Llama; "
+        "overrides --hidden, --intermediate, --layers, --heads",
+    )
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
     parser.add_argument("--batch", type=int, default=32, help="prompts per generate call")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="bytes")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="response length limit")
     parser.add_argument("--stop-fraction", type=float, default=0.0, help="share of the vocabulary that stops a row")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--precision",
+        choices=("32-true", "bf16-mixed", "bf16-true"),
+        help="32-true; bf16-mixed (bfloat16 autocast, float32 weights); bf16-true (the LM's weights in bfloat16). "
+        "None: bf16-true on CUDA, 32-true on CPU",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
     args = parser.parse_args(argv)
     if not 0.0 <= args.stop_fraction < 1.0:
         parser.error("--stop-fraction must be in [0, 1)")
+    if args.precision is None:
+        args.precision = "bf16-true" if args.device.startswith("cuda") else "32-true"
     return args
 
 
@@ -64,15 +83,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tiny = TinyModelConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-    )
-    cfg = PolicyConfig(tiny=tiny)
+    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
+        run(args, model_dir)
+
+
+def run(args: argparse.Namespace, model_dir: str) -> None:
+    device = torch.device(args.device)
+    dtype = "bfloat16" if args.precision == "bf16-true" else "float32"
+    if args.preset != "none":
+        save_random_model(args.preset, model_dir, args.seed)
+        cfg = PolicyConfig(name_or_path=model_dir, tokenizer="byte", dtype=dtype)
+    else:
+        tiny = TinyModelConfig(
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+        )
+        cfg = PolicyConfig(tiny=tiny, dtype=dtype)
     tokenizer = load_tokenizer(cfg)
-    policy = build_policy(cfg, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), tokenizer).eval()
+    policy = build_policy(cfg, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), tokenizer).to(device).eval()
     with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at initialization
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -84,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.batch)
     ]
     enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    prompt_ids, prompt_mask = enc.input_ids, enc.attention_mask.bool()
+    prompt_ids, prompt_mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
     count = math.ceil(args.stop_fraction * vocab)
     stops = list(range(3, 3 + count)) if count else [vocab]  # vocab: an id the model cannot sample
 
@@ -111,14 +141,21 @@ def main(argv: list[str] | None = None) -> None:
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     tokens: dict[str, list[int]] = {name: [] for name in variants}
-    with torch.no_grad():
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.precision == "bf16-mixed"
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad(), autocast:
         for fn in variants.values():  # warm-up
             fn()
         for repeat in range(args.repeats):
             for name, fn in variants.items():
                 torch.manual_seed(args.seed + repeat)  # the same draws for every variant in this repeat
+                synchronize(device)
                 started = time.perf_counter()
                 out = fn()
+                synchronize(device)
                 seconds[name].append(time.perf_counter() - started)
                 _, mask, _ = truncate_at_stop(out, stops, tokenizer.pad_token_id)
                 tokens[name].append(int(mask.sum()))
@@ -128,11 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     rate = {name: statistics.mean(tokens[name]) / median[name] for name in variants}
     result = {
         "config": {
-            "hidden": args.hidden,
-            "intermediate": args.intermediate,
-            "layers": args.layers,
-            "heads": args.heads,
+            "preset": args.preset,
+            "hidden": policy.lm.config.hidden_size,
+            "intermediate": policy.lm.config.intermediate_size,
+            "layers": policy.lm.config.num_hidden_layers,
+            "heads": policy.lm.config.num_attention_heads,
+            "kv_heads": policy.lm.config.num_key_value_heads,
             "vocab": vocab,
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "precision": args.precision,
             "lora_r": args.lora_r,
             "batch": args.batch,
             "prompt_len": list(args.prompt_len),
@@ -146,8 +188,17 @@ def main(argv: list[str] | None = None) -> None:
         "response_tokens_mean": {name: round(statistics.mean(values), 1) for name, values in tokens.items()},
         "tokens_per_sec": {name: round(value, 1) for name, value in rate.items()},
         "speedup_vs_plain_generate": {name: round(rate[name] / rate["plain_generate"], 3) for name in variants},
+        "cuda_max_allocated_mib": (
+            round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+        ),
     }
     print(json.dumps(result), file=sys.stdout, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so the clock reads when the kernels are done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

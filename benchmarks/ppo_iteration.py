@@ -40,6 +40,7 @@ Run ``python benchmarks/ppo_iteration.py --help`` for the options; ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -50,12 +51,14 @@ import statistics
 import string
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
+from presets import PRESETS, fold_to_tokenizer, save_random_model
 from torch import Tensor, nn
 
 from lightning_rlhf import functional as F
@@ -94,6 +97,7 @@ RUN: dict[str, int] = {"iterations": 10, "warmup": 2}
 """``--iterations`` and ``--warmup`` unless given."""
 SWEEP_RUN: dict[str, int] = {"iterations": 2, "warmup": 1}
 """``--iterations`` and ``--warmup`` of each sweep run unless given: a sweep on 2 CPU cores takes a few minutes."""
+PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
 ROLLOUT_PHASES: tuple[str, ...] = ("generate", "old_logprobs_values_forward", "ref_forward")
 PROMPT_CHARS = string.ascii_lowercase + " "
 """Prompt alphabet: one byte, so one ByT5 token, per character."""
@@ -399,6 +403,8 @@ def utilization(
             "gflop_per_sec": round(statistics.median(flops_per_sec) / 1e9, 2),
             "utilization": round(statistics.median(flops_per_sec) / rate, 4),
         }
+        if args.peak_tflops:
+            phases[phase]["mfu"] = round(statistics.median(flops_per_sec) / (args.peak_tflops * 1e12), 4)
     return {
         "matmul_gflop_per_sec": round(rate / 1e9, 2),
         "matmul_gflop_per_sec_before_after": [round(r.flops_per_sec / 1e9, 2) for r in rates],
@@ -425,14 +431,19 @@ def make_prompts(count: int, min_len: int, max_len: int, seed: int) -> list[str]
 
 
 def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    tiny = TinyModelConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-    )
+    dtype = "bfloat16" if args.precision == "bf16-true" else "float32"
+    if args.preset != "none":  # the preset saved by main()
+        policy = PolicyConfig(name_or_path=args.model_dir, tokenizer="byte", dtype=dtype)
+    else:
+        tiny = TinyModelConfig(
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+        )
+        policy = PolicyConfig(tiny=tiny, dtype=dtype)
     return {
-        "policy": PolicyConfig(tiny=tiny),
+        "policy": policy,
         "lora": LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
         "generation": GenerationConfig(
             max_new_tokens=args.max_new_tokens, engine=args.engine, merge_lora=not args.no_merge_lora
@@ -442,9 +453,19 @@ def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def unreachable_eos(tokenizer: Any) -> int:
-    """A token id the LM cannot sample (its logits have ``len(tokenizer)`` columns), so no response stops early."""
-    return len(tokenizer)
+def unreachable_eos(model: nn.Module) -> int:
+    """A token id the LM cannot sample (one past its logits' columns), so no response stops early."""
+    return PolicyValueModel._causal_lm(model.lm).get_output_embeddings().weight.shape[0]
+
+
+def precision_context(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
+    """``bf16-mixed``: bfloat16 autocast around a whole iteration, as Lightning's precision plugin wraps
+    ``training_step``, and like it without autocast's weight-cast cache: the cache keeps a weight's bfloat16 copy until
+    the autocast region ends, so after an optimizer step inside the region the next forward would read the old
+    weights. ``bf16-true`` holds the LM's weights in bfloat16 instead (``policy.dtype``), without autocast."""
+    if args.precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
 
 
 class BenchPPOModule(PPOModule):
@@ -458,6 +479,12 @@ class BenchPPOModule(PPOModule):
         if self.model is None:
             self.model = build_model(self.design, self.policy_config, self.lora_config, self.tokenizer)
 
+    def decode_responses(self, rollout: Rollout) -> list[str]:
+        """As ``PPOModule``'s, with a preset's ids past the byte tokenizer folded into its range (the reward needs some
+        text; the scores do not change the timed work)."""
+        rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
+        return self.tokenizer.batch_decode(fold_to_tokenizer(rows, len(self.tokenizer)), skip_special_tokens=True)
+
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
         assert self.model is not None
         return generate_rollout(
@@ -465,7 +492,7 @@ class BenchPPOModule(PPOModule):
             batch["prompt_ids"],
             batch["prompt_mask"],
             self.generation,
-            eos_token_id=unreachable_eos(self.tokenizer),
+            eos_token_id=unreachable_eos(self.model),
             pad_token_id=self.tokenizer.pad_token_id,
             micro_batch_size=self.ppo.micro_batch_size,
         )
@@ -559,8 +586,8 @@ def ppo_update(
 
 
 def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str]) -> dict[str, Any]:
-    module = PPOModule(**make_module_kwargs(args))
-    module.model = build_model(args.design, module.policy_config, module.lora_config, module.tokenizer)
+    module = BenchPPOModule(design=args.design, **make_module_kwargs(args))
+    module.configure_model()
     module.to(device).train()
     optimizer = module.configure_optimizers()
     module.shuffle_generator.manual_seed(args.seed)
@@ -570,7 +597,7 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
         module.model.clock = clock
     data = PromptDataModule(prompts=prompts, batch_size=args.batch, shuffle=False, tokenizer=module.tokenizer)
     data.setup("fit")
-    eos, pad = unreachable_eos(module.tokenizer), module.tokenizer.pad_token_id
+    eos, pad = unreachable_eos(module.model), module.tokenizer.pad_token_id
     iterations: list[dict[str, float]] = []
     tokens: list[dict[str, Any]] = []
     for batch in data.train_dataloader():
@@ -579,22 +606,23 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
         seconds: dict[str, float] = {}
         split = getattr(module.model, "seconds", None)
         marks.reset()
-        started = clock()
-        marks.active = True
-        rollout = generate_rollout(
-            module.model, prompt_ids, prompt_mask, module.generation, eos_token_id=eos, pad_token_id=pad
-        )
-        rolled = clock()
-        seconds |= marks.split(started, rolled)
-        if split is not None:  # the separate design's policy and critic forwards inside old_logprobs_values_forward
-            seconds |= {f"rollout_{k}_forward": v for k, v in split.items()}
-            split.clear()
-        check_full_length(rollout, args.max_new_tokens)
-        rollout, score_seconds = score_and_advantages(module, batch["prompts"], rollout, clock)
-        seconds |= score_seconds
-        update_started = clock()
-        update_seconds = ppo_update(module, rollout, optimizer, clock)
-        seconds["update"] = clock() - update_started
+        with precision_context(args, device):
+            started = clock()
+            marks.active = True
+            rollout = generate_rollout(
+                module.model, prompt_ids, prompt_mask, module.generation, eos_token_id=eos, pad_token_id=pad
+            )
+            rolled = clock()
+            seconds |= marks.split(started, rolled)
+            if split is not None:  # the separate design's policy and critic forwards inside old_logprobs_values_forward
+                seconds |= {f"rollout_{k}_forward": v for k, v in split.items()}
+                split.clear()
+            check_full_length(rollout, args.max_new_tokens)
+            rollout, score_seconds = score_and_advantages(module, batch["prompts"], rollout, clock)
+            seconds |= score_seconds
+            update_started = clock()
+            update_seconds = ppo_update(module, rollout, optimizer, clock)
+            seconds["update"] = clock() - update_started
         marks.active = False
         tokens.append(token_counts(prompt_mask, rollout.response_ids.shape[1], marks))
         seconds |= {f"update_{k}": v for k, v in update_seconds.items()}
@@ -608,7 +636,6 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
         "tokens": tokens,
         "shape": DecoderShape.from_config(module.model.lm.config),
         "generation": dataclasses.asdict(module.generation),
-        "vocab": len(module.tokenizer),
         "param_bytes": parameter_bytes(module.model),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
     }
@@ -649,6 +676,7 @@ def run_trainer(args: argparse.Namespace, device: torch.device, prompts: list[st
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
+        precision="bf16-mixed" if args.precision == "bf16-mixed" else "32-true",  # bf16-true: policy.dtype
         max_steps=args.warmup + args.iterations,
         logger=False,
         enable_checkpointing=False,
@@ -662,7 +690,6 @@ def run_trainer(args: argparse.Namespace, device: torch.device, prompts: list[st
         "tokens": tokens,
         "shape": DecoderShape.from_config(module.model.lm.config),
         "generation": dataclasses.asdict(module.generation),
-        "vocab": len(module.tokenizer),
         "param_bytes": parameter_bytes(module.model),
         "optimizer_state_bytes": optimizer_state_bytes(module.optimizers().optimizer),
     }
@@ -678,6 +705,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
     model.add_argument("--layers", type=int, default=4, help="decoder layers")
     model.add_argument("--heads", type=int, default=4, help="attention heads")
+    model.add_argument(
+        "--preset",
+        choices=("none", *PRESETS),
+        default="none",
+        help="a published architecture with random weights (benchmarks/presets.py), loaded with from_pretrained, "
+        "instead of the tiny Llama; overrides --hidden, --intermediate, --layers, --heads",
+    )
     model.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
     model.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     model.add_argument("--design", choices=DESIGNS, default="shared", help="shared backbone, or TRL-style models")
@@ -702,6 +736,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     run.add_argument("--trainer", action="store_true", help="time trainer.fit iterations of PPOModule instead")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="32-true; bf16-mixed (bfloat16 autocast, float32 weights); bf16-true (the LM's weights in bfloat16). "
+        "None: bf16-mixed on CUDA, 32-true on CPU. Utilization is against a matmul in the matmuls' dtype",
+    )
+    run.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the accelerator's peak dense TFLOP/s in the matmuls' dtype (H100 SXM bf16: 989); adds MFU per phase",
+    )
     run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling, shuffling, LoRA init")
     sweep = parser.add_argument_group("scaling sweep")
@@ -719,6 +764,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="values to sweep; None: " + "; ".join(f"{k} {' '.join(map(str, v))}" for k, (_, v) in SWEEPS.items()),
     )
     args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16-mixed" if args.device.startswith("cuda") else "32-true"
     for name, default in (RUN if args.sweep == "none" else SWEEP_RUN).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -741,11 +788,9 @@ def summarize(
         "config": {
             "design": args.design,
             "mode": "trainer" if args.trainer else "direct",
-            "hidden": args.hidden,
-            "layers": args.layers,
-            "heads": args.heads,
-            "intermediate": args.intermediate,
-            "vocab": result["vocab"],
+            "preset": args.preset,
+            "shape": dataclasses.asdict(result["shape"]),
+            "precision": args.precision,
             "batch": args.batch,
             "prompt_len": list(args.prompt_len),
             "max_new_tokens": args.max_new_tokens,
@@ -802,9 +847,14 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     prompts = make_prompts(args.batch * (args.warmup + args.iterations), *args.prompt_len, seed=args.seed)
-    rates = [matmul_flops_per_sec(device)]  # before and after the run: their spread shows drift in the machine
-    result = (run_trainer if args.trainer else run_direct)(args, device, prompts)
-    rates.append(matmul_flops_per_sec(device))
+    dtype = torch.float32 if args.precision == "32-true" else torch.bfloat16
+    rates = [matmul_flops_per_sec(device, dtype)]  # before and after the run: their spread shows drift in the machine
+    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
+        if args.preset != "none":
+            save_random_model(args.preset, model_dir, args.seed)
+        args.model_dir = model_dir
+        result = (run_trainer if args.trainer else run_direct)(args, device, prompts)
+    rates.append(matmul_flops_per_sec(device, dtype))
     summary = summarize(args, device, result, time.perf_counter() - started, rates)
     print(json.dumps(summary), file=sys.stdout, flush=True)
 

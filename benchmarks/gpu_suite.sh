@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU numbers of benchmarks/README.md: Qwen2-0.5B shapes (random weights), bfloat16, one GPU.
+#
+#   bash benchmarks/gpu_suite.sh STAGES [OUT_DIR]
+#
+# STAGES: comma-separated, from tests (GPU tests), update (PPO iteration by phase, both designs), rollout (sampling
+# engines vs plain generate), more (larger batch, bf16 weights, trainer.fit cross-check); "all" runs every stage.
+# Each run's JSON line goes to OUT_DIR/<stage>.jsonl (default benchmarks/out), its log to OUT_DIR/<stage>.log. A run
+# that fails or overruns its time limit is logged and the next one starts.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stages=",${1:-all},"
+has() { [[ $stages == *",$1,"* || $stages == ",all," ]]; }
+out=${2:-${OUT:-benchmarks/out}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+PRESET=${PRESET:-qwen2-0.5b}  # qwen2-tiny: a quick CPU check of this script
+# Qwen2-0.5B at an RLHF-sized batch: 64 prompts of 64-128 tokens, 128 new tokens, 4 epochs x 4 minibatches.
+MODEL=(--preset "$PRESET" --prompt-len 64 128 --max-new-tokens 128 --peak-tflops 989)
+
+bench() {  # bench STAGE LIMIT_SECONDS SCRIPT ARGS...
+  local stage=$1 limit=$2
+  shift 2
+  echo "=== $(date +%T) $*" | tee -a "$out/$stage.log"
+  timeout "$limit" python3 "$@" >>"$out/$stage.jsonl" 2>>"$out/$stage.log" || echo "FAILED ($?): $*" | tee -a "$out/$stage.log"
+  tail -c 600 "$out/$stage.jsonl"; echo
+}
+
+if has tests; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/env.txt"
+  python3 -c "import torch, transformers, peft, lightning; print(torch.__version__, transformers.__version__, peft.__version__, lightning.__version__)" | tee -a "$out/env.txt"
+  timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_generation.py 2>&1 | tail -n 30 | tee "$out/tests.log"
+fi
+
+
+if has update; then
+  # One PPO iteration by phase, this package's design and the TRL-style one, LoRA and full fine-tuning.
+  for design in shared separate; do
+    bench update 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --design $design
+    bench update 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --design $design --full
+  done
+fi
+
+if has rollout; then
+  # Sampling engines vs plain generate: bf16 weights (bf16-true), then bf16 autocast over float32 weights.
+  bench rollout 150 benchmarks/generation.py --preset "$PRESET" --batch 64 --prompt-len 64 128 --max-new-tokens 128 --repeats 3
+  bench rollout 150 benchmarks/generation.py --preset "$PRESET" --batch 64 --prompt-len 64 128 --max-new-tokens 128 --repeats 3 --stop-fraction 0.01
+  bench rollout 150 benchmarks/generation.py --preset "$PRESET" --batch 64 --prompt-len 64 128 --max-new-tokens 128 --repeats 3 --precision bf16-mixed
+fi
+
+if has more; then
+  # Larger minibatches (256 prompts: 64 per minibatch), LoRA over bf16 weights, and the trainer.fit cross-check.
+  bench more 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 256 --iterations 2 --warmup 1
+  bench more 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 256 --iterations 2 --warmup 1 --full
+  bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --precision bf16-true
+  bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --trainer
+fi

@@ -1,0 +1,65 @@
+"""Model presets of the benchmarks: published architectures with random weights, loaded through ``from_pretrained``.
+
+A preset is a ``transformers`` config. :func:`save_random_model` builds the causal LM from it with seeded random
+weights and saves it to a directory, which the benchmark then loads as ``PolicyConfig(name_or_path=directory,
+tokenizer="byte")``: the same path a user's checkpoint takes. The prompts are bytes (``ByT5Tokenizer``), the model keeps
+its own vocabulary: ids past the byte tokenizer's 384 are sampled like any other and folded into the byte range only
+to give the reward some text (:func:`fold_to_tokenizer`), so the model's cost is the real architecture's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen2-0.5B's config.json (hub: Qwen/Qwen2-0.5B): 494 M parameters, tied embeddings, q/k/v biases, GQA 14/2.
+    "qwen2-0.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    # The same architecture at toy size: a seconds-long CPU check of the preset path.
+    "qwen2-tiny": {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+    },
+}
+"""``--preset`` choices: ``transformers.AutoConfig.for_model`` keyword arguments."""
+
+
+def preset_config(name: str) -> transformers.PretrainedConfig:
+    fields = dict(PRESETS[name])
+    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def save_random_model(name: str, directory: str, seed: int) -> transformers.PretrainedConfig:
+    """Build preset ``name`` with random weights drawn from ``seed`` (float32) and save it to ``directory``."""
+    config = preset_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    return config
+
+
+def fold_to_tokenizer(ids: list[list[int]], size: int) -> list[list[int]]:
+    """Token ids folded into ``range(size)``, so a tokenizer smaller than the model's vocabulary can decode them."""
+    return [[i % size for i in row] for row in ids]
