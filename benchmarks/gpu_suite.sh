@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh STAGES [OUT_DIR]
 #
 # STAGES: comma-separated, from tests (GPU tests), update (PPO iteration by phase, both designs), rollout (sampling
-# engines vs plain generate), more (larger batch, bf16 weights, trainer.fit cross-check); "all" runs every stage.
+# engines vs plain generate), more (larger batch, bf16 weights, trainer.fit cross-check), profile (profiler tables of
+# one PPO epoch's update, LoRA and full); "all" runs every stage.
 # Each run's JSON line goes to OUT_DIR/<stage>.jsonl (default benchmarks/out), its log to OUT_DIR/<stage>.log. A run
 # that fails or overruns its time limit is logged and the next one starts.
 set -uo pipefail
@@ -56,4 +57,14 @@ if has more; then
   bench more 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 256 --iterations 2 --warmup 1 --full
   bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --precision bf16-true
   bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --trainer
+fi
+
+if has profile; then
+  # One epoch of 4 minibatches keeps the trace small enough to summarize in a few minutes (16 did not finish in 100 s).
+  for ft in "" --full; do
+    echo "=== $(date +%T) profile $ft" | tee -a "$out/profile.log"
+    timeout 300 python3 benchmarks/profile_phases.py "${MODEL[@]}" --batch 64 --ppo-epochs 1 $ft >>"$out/profile.txt" 2>>"$out/profile.log" \
+      || echo "FAILED ($?): profile $ft" | tee -a "$out/profile.log"
+  done
+  grep "#####" "$out/profile.txt"
 fi

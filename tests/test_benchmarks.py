@@ -1,0 +1,57 @@
+"""The benchmark scripts still run: one tiny iteration of each on the Qwen2-shaped preset, the JSON line checked.
+
+Timings are not asserted (benchmarks/README.md has them); what is checked is what the scripts promise: the preset's
+shape reaches the model, every response runs to full length (an EOS the model's own vocabulary cannot sample), ids
+past the byte tokenizer decode, and the separate design holds more parameter bytes than the shared one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY_RUN = ("--preset", "qwen2-tiny", "--batch", "4", "--prompt-len", "4", "8", "--max-new-tokens", "4")
+
+
+def run_script(script: str, *args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(BENCHMARKS / script), *args, "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("design", ["shared", "separate"])
+def test_ppo_iteration_benchmark_runs_the_preset_in_bf16_mixed(design):
+    out = run_script(
+        "ppo_iteration.py",
+        *TINY_RUN,
+        *("--design", design, "--precision", "bf16-mixed", "--iterations", "1", "--warmup", "0"),
+        *("--ppo-epochs", "1", "--num-minibatches", "2", "--peak-tflops", "1"),
+    )
+    shape = out["config"]["shape"]
+    assert (shape["num_kv_heads"], shape["num_heads"], shape["vocab_size"]) == (2, 4, 1000)
+    assert out["config"]["precision"] == "bf16-mixed"
+    assert out["utilization"]["matmul"].endswith("bfloat16")
+    assert out["generated_tokens_per_sec"]["iteration"] > 0
+    phases = out["utilization"]["phases"]
+    assert phases["update"]["gflop"] > phases["ref_forward"]["gflop"] > 0
+    assert "mfu" in phases["update"]
+    roles = out["param_bytes"]
+    if design == "shared":  # LoRA: the reference and the critic live in the policy's storage
+        assert roles["all_roles_unique"] == roles["policy"] + 4 * (shape["hidden_size"] + 1)  # + the value head
+    else:
+        assert roles["all_roles_unique"] > 2.5 * roles["reference"]
+
+
+def test_generation_benchmark_runs_every_variant_to_full_length():
+    out = run_script("generation.py", *TINY_RUN, "--repeats", "1", "--precision", "bf16-mixed", "--device", "cpu")
+    assert out["config"]["vocab"] == 1000
+    assert set(out["response_tokens_mean"].values()) == {4 * 4}  # 4 rows x 4 tokens, no stop token reachable
+    assert out["speedup_vs_plain_generate"]["plain_generate"] == 1.0
