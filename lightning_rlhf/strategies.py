@@ -19,8 +19,10 @@ collectives.
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -55,6 +57,31 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader, which also resumes a run whose optimizer keeps no state (plain SGD).
+
+        Lightning 2.6 cannot load an empty optimizer state from a full checkpoint (it reads the state's first key to
+        decide whether to rekey it, and ``torch.distributed.checkpoint`` then finds no tensor to take a device from),
+        so such a run could not be resumed. When every saved optimizer state is empty, the optimizers are kept out of
+        Lightning's loader and get their parameter-group settings (learning rate, ...) back here, as
+        ``Optimizer.load_state_dict`` would restore them.
+        """
+        path = Path(self.broadcast(checkpoint_path))
+        saved = []
+        if path.is_file():  # a full checkpoint: this preset's format
+            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["optimizer_states"]
+        if not saved or any(state["state"] for state in saved):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        optimizers, self._optimizers = self._optimizers, []
+        try:
+            checkpoint = super().load_checkpoint(path, weights_only=weights_only)
+        finally:
+            self._optimizers = optimizers
+        for optimizer, state in zip(optimizers, saved, strict=True):
+            for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
+                group.update({key: value for key, value in saved_group.items() if key != "params"})
+        return checkpoint
 
 
 def _register(name: str, strategy: type, description: str, **kwargs: Any) -> None:

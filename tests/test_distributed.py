@@ -160,3 +160,24 @@ def test_fsdp1_is_refused_with_a_pointer_to_fsdp2(tmp_path):
     trainer.strategy.__class__ = FSDPStrategy  # the CPU check happens earlier; only the module's refusal is tested
     with pytest.raises(ValueError, match="fsdp2"):
         module.setup("fit")
+
+
+def test_fsdp2_resumes_with_an_optimizer_that_keeps_no_state(tmp_path):
+    # Plain SGD has an empty optimizer state. Lightning's full-checkpoint loader read the first key of that state
+    # (IndexError), so such a run could not be resumed; the fsdp2 preset loads it and restores the learning rate.
+    def sgd_config(name: str, **kwargs) -> dict:
+        cfg = config(tmp_path / name, batch_size=2, max_steps=2, **kwargs)
+        cfg["model"]["init_args"]["optimizer"]["init_args"] = {"lr": 0.5}
+        # StepLR multiplies the optimizer's current lr: a resume that lost the parameter groups' lr would diverge.
+        scheduler = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}}
+        cfg["model"]["init_args"]["lr_scheduler"] = scheduler
+        return cfg
+
+    straight = run_cli(
+        tmp_path, "straight", sgd_config("straight", ckpt_dir=tmp_path / "ckpt"), *two_processes("fsdp2")
+    )
+    ckpt = next((tmp_path / "ckpt").glob("*step=1.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["optimizer_states"][0]["state"] == {}
+    resumed = run_cli(tmp_path, "resumed", sgd_config("resumed"), *two_processes("fsdp2"), f"--ckpt_path={ckpt}")
+    for a, b in zip(dumps(resumed, 2), dumps(straight, 2), strict=True):
+        assert_same_weights(a["weights"], b["weights"])
