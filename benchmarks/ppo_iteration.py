@@ -22,14 +22,17 @@ Two modes:
 - ``--trainer``: whole ``trainer.fit`` iterations of ``PPOModule``; reports its ``perf/iteration_sec`` and
   ``perf/rollout_sec`` metrics and the wall time of each ``training_step`` as a cross-check.
 
-Equal token counts: the rollout is given an EOS id equal to the vocabulary size, which the model cannot sample: every
-response is exactly ``--max-new-tokens`` long in both designs. The script checks this. (It predates
-``GenerationConfig.min_new_tokens``, commit 0ca9c78, and keeps the unreachable EOS.)
+Equal token counts: the rollout is given an EOS id equal to the LM's output size (its vocabulary), which the model
+cannot sample: every response is exactly ``--max-new-tokens`` long in both designs. The script checks this. (It
+predates ``GenerationConfig.min_new_tokens``, commit 0ca9c78, and keeps the unreachable EOS.)
+
+Models: the tiny random Llama (``--hidden`` ...), or ``--preset`` (:mod:`presets`: a published architecture with random
+weights, loaded through ``from_pretrained``). Precision: ``--precision`` (``bf16-mixed`` by default on CUDA).
 
 Utilization: the ``"utilization"`` block gives each phase's model FLOPs (:mod:`lightning_rlhf.flops`: matmuls only,
 from the iteration's actual token counts, prompt padding included; also over the real tokens alone) and those FLOPs
-per second over the rate of a square matmul measured in this process before and after the run (float32 on CPU,
-bfloat16 on CUDA).
+per second over the rate of a square matmul measured in this process before and after the run (in the matmuls'
+dtype: float32 for ``32-true``, bfloat16 otherwise); with ``--peak-tflops`` also over the accelerator's peak (MFU).
 
 Scaling: ``--sweep length`` (or ``batch``) runs the benchmark once per response length (or batch size), each in its
 own process printing its own JSON line, with 2 timed iterations after 1 warm-up unless given.
