@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from presets import PRESETS, save_random_model
+from presets import add_preset_argument, policy_config, save_random_model
 
-from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
+from lightning_rlhf.models import LoraConfig, build_policy, load_tokenizer
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
 
 VARIANTS: tuple[str, ...] = ("plain_generate", "hf_merged", "cached_unmerged", "cached_merged")
@@ -48,13 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument(
-        "--preset",
-        choices=("none", *PRESETS),
-        default="none",
-        help="a published architecture with random weights (benchmarks/presets.py) instead of the tiny Llama; "
-        "overrides --hidden, --intermediate, --layers, --heads",
-    )
+    add_preset_argument(parser)
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
     parser.add_argument("--batch", type=int, default=32, help="prompts per generate call")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="bytes")
@@ -89,18 +83,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, model_dir: str) -> None:
     device = torch.device(args.device)
-    dtype = "bfloat16" if args.precision == "bf16-true" else "float32"
     if args.preset != "none":
         save_random_model(args.preset, model_dir, args.seed)
-        cfg = PolicyConfig(name_or_path=model_dir, tokenizer="byte", dtype=dtype)
-    else:
-        tiny = TinyModelConfig(
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-        )
-        cfg = PolicyConfig(tiny=tiny, dtype=dtype)
+    cfg = policy_config(args, model_dir)
     tokenizer = load_tokenizer(cfg)
     policy = build_policy(cfg, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), tokenizer).to(device).eval()
     with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at initialization

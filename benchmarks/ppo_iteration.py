@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
-from presets import PRESETS, fold_to_tokenizer, save_random_model
+from presets import add_preset_argument, fold_to_tokenizer, policy_config, save_random_model
 from torch import Tensor, nn
 
 from lightning_rlhf import functional as F
@@ -81,7 +81,6 @@ from lightning_rlhf.models import (
     LoraConfig,
     PolicyConfig,
     PolicyValueModel,
-    TinyModelConfig,
     _attach_lora,
     build_policy,
 )
@@ -434,17 +433,7 @@ def make_prompts(count: int, min_len: int, max_len: int, seed: int) -> list[str]
 
 
 def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    dtype = "bfloat16" if args.precision == "bf16-true" else "float32"
-    if args.preset != "none":  # the preset saved by main()
-        policy = PolicyConfig(name_or_path=args.model_dir, tokenizer="byte", dtype=dtype)
-    else:
-        tiny = TinyModelConfig(
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-        )
-        policy = PolicyConfig(tiny=tiny, dtype=dtype)
+    policy = policy_config(args, args.model_dir)  # a preset was saved there by main()
     return {
         "policy": policy,
         "lora": LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
@@ -708,13 +697,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
     model.add_argument("--layers", type=int, default=4, help="decoder layers")
     model.add_argument("--heads", type=int, default=4, help="attention heads")
-    model.add_argument(
-        "--preset",
-        choices=("none", *PRESETS),
-        default="none",
-        help="a published architecture with random weights (benchmarks/presets.py), loaded with from_pretrained, "
-        "instead of the tiny Llama; overrides --hidden, --intermediate, --layers, --heads",
-    )
+    add_preset_argument(model)
     model.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
     model.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     model.add_argument("--design", choices=DESIGNS, default="shared", help="shared backbone, or TRL-style models")

@@ -9,10 +9,13 @@ to give the reward some text (:func:`fold_to_tokenizer`), so the model's cost is
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
 import transformers
+
+from lightning_rlhf.models import PolicyConfig, TinyModelConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen2-0.5B's config.json (hub: Qwen/Qwen2-0.5B): 494 M parameters, tied embeddings, q/k/v biases, GQA 14/2.
@@ -63,3 +66,29 @@ def save_random_model(name: str, directory: str, seed: int) -> transformers.Pret
 def fold_to_tokenizer(ids: list[list[int]], size: int) -> list[list[int]]:
     """Token ids folded into ``range(size)``, so a tokenizer smaller than the model's vocabulary can decode them."""
     return [[i % size for i in row] for row in ids]
+
+
+def add_preset_argument(group: Any) -> None:
+    """``--preset`` on an ``argparse`` parser or argument group."""
+    group.add_argument(
+        "--preset",
+        choices=("none", *PRESETS),
+        default="none",
+        help="a published architecture with random weights (benchmarks/presets.py), loaded with from_pretrained, "
+        "instead of the tiny Llama; overrides --hidden, --intermediate, --layers, --heads",
+    )
+
+
+def policy_config(args: argparse.Namespace, model_dir: str) -> PolicyConfig:
+    """The benchmark's model: ``args.preset`` saved in ``model_dir`` by :func:`save_random_model`, or the tiny Llama
+    of ``--hidden/--intermediate/--layers/--heads``; the LM's weights in bfloat16 with ``--precision bf16-true``."""
+    dtype = "bfloat16" if args.precision == "bf16-true" else "float32"
+    if args.preset != "none":
+        return PolicyConfig(name_or_path=model_dir, tokenizer="byte", dtype=dtype)
+    tiny = TinyModelConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+    )
+    return PolicyConfig(tiny=tiny, dtype=dtype)
