@@ -70,7 +70,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         saved = []
         if path.is_file():  # a full checkpoint: this preset's format
-            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["optimizer_states"]
+            checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+            saved = checkpoint.get("optimizer_states", [])
         if not saved or any(state["state"] for state in saved):
             return super().load_checkpoint(path, weights_only=weights_only)
         optimizers, self._optimizers = self._optimizers, []
