@@ -438,7 +438,10 @@ def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "policy": policy,
         "lora": LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
         "generation": GenerationConfig(
-            max_new_tokens=args.max_new_tokens, engine=args.engine, merge_lora=not args.no_merge_lora
+            max_new_tokens=args.max_new_tokens,
+            engine=args.engine,
+            merge_lora=not args.no_merge_lora,
+            cast_weights_once=not args.no_cast_weights_once,
         ),
         "ppo": PPOConfig(ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches),
         "reward": CharFractionReward(),
@@ -707,6 +710,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ppo.add_argument("--max-new-tokens", type=int, default=32, help="response length (every response has it)")
     ppo.add_argument("--engine", choices=("auto", "cached", "hf"), default="auto", help="generation.engine")
     ppo.add_argument("--no-merge-lora", action="store_true", help="generation.merge_lora false (sample unmerged)")
+    ppo.add_argument(
+        "--no-cast-weights-once",
+        action="store_true",
+        help="generation.cast_weights_once false (bf16-mixed sampling casts the weights at every decode step)",
+    )
     ppo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     ppo.add_argument("--num-minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
     run = parser.add_argument_group("run")

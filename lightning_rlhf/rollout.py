@@ -86,6 +86,10 @@ class GenerationConfig:
     it cannot apply (no adapter, sharded or quantized weights, ``modules_to_save``, DoRA)."""
     batch_size: int | None = None
     """Prompts sampled at once; None samples the whole per-device batch together (fastest; set it to cap memory)."""
+    cast_weights_once: bool = True
+    """Under autocast (``precision: bf16-mixed``), cast the sampled LM's weights to bfloat16 once per rollout instead
+    of once per decode step. Holds one bfloat16 copy of those weights while sampling; set false when memory is tight.
+    Not applied to a model sharded across processes (FSDP)."""
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -258,7 +262,7 @@ def sample_responses(
     """Sample one response per prompt with ``generation.engine``; no scoring (see :func:`generate_rollout`).
 
     The adapter is merged for the whole call when ``generation.merge_lora`` allows it, and under autocast the weights
-    are cast once for the call (:func:`~lightning_rlhf.generation.autocast_weights_once`); prompts go to the engine in
+    are cast once for the call with ``generation.cast_weights_once``; prompts go to the engine in
     chunks of ``generation.batch_size`` rows. Returns (B, T') long tokens, padded with ``pad_token_id`` to the
     longest chunk; anything after a row's first stop token is to be ignored (:func:`truncate_at_stop`).
     """
@@ -271,9 +275,12 @@ def sample_responses(
     merge = generation.merge_lora and lora_merge_blocker(model.lm) is None
     # The weights are cast for autocast after the merge and before the restore; not for a sharded model (its
     # parameters are shards that each forward gathers).
-    cast_once = contextlib.nullcontext() if synced_gpus else autocast_weights_once(model.lm, prompt_ids.device.type)
+    cast = generation.cast_weights_once and not synced_gpus
     chunks = []
-    with merged_lora(model.lm) if merge else contextlib.nullcontext(), cast_once:
+    with (
+        merged_lora(model.lm) if merge else contextlib.nullcontext(),
+        autocast_weights_once(model.lm, prompt_ids.device.type) if cast else contextlib.nullcontext(),
+    ):
         for rows in _micro_batches(prompt_ids.shape[0], generation.batch_size):
             chunks.append(sample(model, prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id))
     width = max(chunk.shape[1] for chunk in chunks)

@@ -3,6 +3,7 @@ batch, min_new_tokens, generation chunks, and the exact LoRA merge."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from contextlib import nullcontext
 
@@ -259,3 +260,7 @@ def test_sampling_under_autocast_casts_each_weight_once(tokenizer, prompts, lora
     assert set(once.casts.values()) == {1}
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    with torch.no_grad(), autocast, _WeightCasts(model.lm.named_parameters()) as off:
+        config = dataclasses.replace(config, cast_weights_once=False)
+        assert torch.equal(sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False), expected)
+    assert off.casts[q_proj] == config.max_new_tokens  # generation.cast_weights_once: false keeps the per-step casts

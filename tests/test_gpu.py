@@ -1,5 +1,6 @@
 """What only a GPU can show. Skipped without CUDA (see conftest.py); run with `python -m pytest -m gpu`."""
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from lightning_rlhf.generation import cached_decode, hf_generate, merged_lora
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
 from lightning_rlhf.module import PPOConfig, PPOModule
 from lightning_rlhf.rewards import CharFractionReward
-from lightning_rlhf.rollout import GenerationConfig, truncate_at_stop
+from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
 
 pytestmark = pytest.mark.gpu
 
@@ -56,3 +57,26 @@ def test_cached_engine_matches_generate_on_cuda_and_restores_merged_weights():
     for a, b in zip(cached, hf, strict=True):
         assert torch.equal(a, b)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_sampling_under_cuda_autocast_casts_each_weight_once():
+    # The CPU test's check on CUDA: bf16 autocast without its cache (as Lightning runs it), weights cast once per call.
+    from test_generation import _WeightCasts
+
+    seed_everything(0, verbose=False)
+    tokenizer = load_tokenizer(PolicyConfig())
+    model = build_policy(PolicyConfig(tiny=TinyModelConfig(hidden_size=64)), LoraConfig(), tokenizer).cuda().eval()
+    enc = tokenizer(["the quick brown", "ab"], add_special_tokens=False, padding=True, return_tensors="pt")
+    prompts = (enc.input_ids.cuda(), enc.attention_mask.bool().cuda())
+    config = GenerationConfig(max_new_tokens=6, do_sample=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    counts = {}
+    with torch.no_grad(), autocast:
+        for once in (True, False):
+            with _WeightCasts(model.lm.named_parameters()) as casts:
+                tokens = sample_responses(
+                    model, *prompts, dataclasses.replace(config, cast_weights_once=once), [384], 0, synced_gpus=False
+                )
+            counts[once] = (tokens, max(casts.casts.values()))
+    assert torch.equal(counts[True][0], counts[False][0])
+    assert (counts[True][1], counts[False][1]) == (1, config.max_new_tokens)
