@@ -16,9 +16,8 @@ Two modes:
 
 - direct (default): drives one iteration's phases itself and times each. The rollout is the package's own
   ``generate_rollout`` unchanged; forward hooks on the model mark where generation ends and the reference forward
-  starts. The update is ``PPOModule._ppo_update``'s computation (``forward_response``, ``policy_loss``,
-  ``value_loss``, entropy, backward, the logged grad norm, ``clip_grad_norm_``, AdamW step) without its metric
-  bookkeeping and without Lightning.
+  starts. The update is ``PPOModule._ppo_update``'s computation (the package's ``loss.ppo_objective``, backward,
+  the logged grad norm, ``clip_grad_norm_``, AdamW step) without its metric bookkeeping and without Lightning.
 - ``--trainer``: whole ``trainer.fit`` iterations of ``PPOModule``; reports its ``perf/iteration_sec`` and
   ``perf/rollout_sec`` metrics and the wall time of each ``training_step`` as a cross-check.
 
@@ -77,6 +76,7 @@ from lightning_rlhf.flops import (
     matmul_flops_per_sec,
     train_flops,
 )
+from lightning_rlhf.loss import ppo_objective
 from lightning_rlhf.models import (
     LoraConfig,
     PolicyConfig,
@@ -86,7 +86,7 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.module import PPOModule
 from lightning_rlhf.rewards import CharFractionReward, validate_scores
-from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout
+from lightning_rlhf.rollout import GenerationConfig, generate_rollout
 from lightning_rlhf.types import Rollout
 
 DESIGNS: tuple[str, ...] = ("shared", "separate")
@@ -524,28 +524,8 @@ def score_and_advantages(module: PPOModule, prompts: list[str], rollout: Rollout
 
 
 def minibatch_loss(module: PPOModule, part: Rollout) -> Tensor:
-    """``PPOModule._loss`` without the metric bookkeeping."""
-    ppo, temperature = module.ppo, module.generation.temperature
-    part = part.trim_padding()  # as PPOModule._loss (commit a2da853)
-    out = forward_response(
-        module.model, part.prompt_ids, part.prompt_mask, part.response_ids, part.response_mask, temperature
-    )
-    pg_loss, _ = F.policy_loss(
-        out.logprobs,
-        part.old_logprobs,
-        part.advantages,
-        part.response_mask,
-        ppo.clip_coef,
-        ppo.dual_clip_coef,
-        ppo.aggregation,
-    )
-    vf_loss, _ = F.value_loss(
-        out.values, part.old_values, part.returns, part.response_mask, ppo.value_clip_coef, ppo.aggregation
-    )
-    with torch.set_grad_enabled(ppo.ent_coef > 0 and torch.is_grad_enabled()):  # as PPOModule._loss (commit 7d2f323)
-        token_entropy = F.entropy_from_logits(out.logits, temperature)
-    entropy = F.aggregate(token_entropy, part.response_mask, ppo.aggregation)
-    return pg_loss + ppo.vf_coef * vf_loss - ppo.ent_coef * entropy
+    """``PPOModule._loss`` without the metric bookkeeping: the package's own ``ppo_objective``."""
+    return ppo_objective(module.model, part, module.ppo, module.generation.temperature).loss
 
 
 def ppo_update(

@@ -35,9 +35,10 @@ from lightning_rlhf import strategies as _strategies  # noqa: F401  (registers -
 from lightning_rlhf.config import SCORE_NORM_EPS, PPOConfig, as_config, default_optimizer
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
 from lightning_rlhf.distributed import GlobalStats, full_value, fully_shard_policy, get_rng_state, set_rng_state
+from lightning_rlhf.loss import ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
-from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout
+from lightning_rlhf.rollout import GenerationConfig, generate_rollout
 from lightning_rlhf.types import Rollout, RolloutSamples
 
 
@@ -444,50 +445,18 @@ class PPOModule(LightningModule):
 
     def _loss(self, part: Rollout, stats: GlobalStats, minibatch_stats: GlobalStats) -> Tensor:
         assert self.model is not None
-        part = part.trim_padding()  # columns that are padding in every row of the micro-batch cost nothing
-        out = forward_response(
-            self.model,
-            part.prompt_ids,
-            part.prompt_mask,
-            part.response_ids,
-            part.response_mask,
-            self.generation.temperature,
-            mode="policy",
-        )
-        pg_loss, pg_stats = F.policy_loss(
-            out.logprobs,
-            part.old_logprobs,
-            part.advantages,
-            part.response_mask,
-            self.ppo.clip_coef,
-            self.ppo.dual_clip_coef,
-            self.ppo.aggregation,
-        )
-        vf_loss, vf_stats = F.value_loss(
-            out.values,
-            part.old_values,
-            part.returns,
-            part.response_mask,
-            self.ppo.value_clip_coef,
-            self.ppo.aggregation,
-        )
-        # Without an entropy bonus the entropy is only logged: no graph (its backward costs ~3x its forward over a
-        # full vocabulary: 0.5 s per minibatch at 152k tokens).
-        with torch.set_grad_enabled(self.ppo.ent_coef > 0 and torch.is_grad_enabled()):
-            token_entropy = F.entropy_from_logits(out.logits, self.generation.temperature)
-        entropy = F.aggregate(token_entropy, part.response_mask, self.ppo.aggregation)
-        loss = pg_loss + self.ppo.vf_coef * vf_loss - self.ppo.ent_coef * entropy
-        n = part.response_mask.sum()
+        terms = ppo_objective(self.model, part, self.ppo, self.generation.temperature)
+        n = terms.tokens
         for record in (stats, minibatch_stats):
-            record.add("loss/policy", pg_loss.detach() * n, n)
-            record.add("loss/value", vf_loss.detach() * n, n)
-            record.add("loss/total", loss.detach() * n, n)
-            record.add("policy/entropy", entropy.detach() * n, n)
-            record.add("policy/approx_kl", pg_stats.approx_kl * n, n)
-            record.add("policy/clipfrac", pg_stats.clipfrac * n, n)
-            record.add("policy/ratio_mean", pg_stats.ratio_mean * n, n)
-            record.add("value/clipfrac", vf_stats.clipfrac * n, n)
-        return loss
+            record.add("loss/policy", terms.policy_loss * n, n)
+            record.add("loss/value", terms.value_loss * n, n)
+            record.add("loss/total", terms.loss.detach() * n, n)
+            record.add("policy/entropy", terms.entropy * n, n)
+            record.add("policy/approx_kl", terms.policy.approx_kl * n, n)
+            record.add("policy/clipfrac", terms.policy.clipfrac * n, n)
+            record.add("policy/ratio_mean", terms.policy.ratio_mean * n, n)
+            record.add("value/clipfrac", terms.value.clipfrac * n, n)
+        return terms.loss
 
     @property
     def _trainable(self) -> list[Tensor]:
