@@ -1,0 +1,125 @@
+"""The hub recipes run one PPO iteration on CPU with tiny stand-ins of their models.
+
+CI has no hub access and no GPU, so each hub model is replaced by a small random model of the same architecture
+(Qwen2 policy and Qwen3 sequence-classification reward model with chat templates; GPT-2 policy and DistilBERT
+classifier), saved with a byte-level BPE tokenizer trained in memory. Everything else is the recipe as users run it:
+its precision (``bf16-true`` for Qwen), LoRA or full fine-tuning, PPO settings, reward options and prompts; only the
+accelerator, the step count, the epochs and the response length shrink (and GPT-2's batch, 64 -> 8). The Qwen
+recipe's ``bf16-true`` crash at the first rollout was found on a GPU; this test finds it on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lightning_rlhf.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [line for line in (REPO / "recipes" / "data" / "chat_prompts.jsonl").read_text().splitlines()] + [
+    "The movie was great, I watched this film and loved it. A terrible, boring plot."
+]
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+FAST_RUN = [
+    "--trainer.accelerator=cpu",
+    "--trainer.max_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--model.generation.max_new_tokens=6",
+    "--model.ppo.ppo_epochs=1",
+]
+
+
+def byte_bpe(special: list[str], **tokens: str) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 and Qwen style) trained on a few lines, with ``special`` tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **tokens)
+
+
+def save(model_class, config, tokenizer, directory: Path) -> str:
+    model_class(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def run_recipe(recipe: str, tmp_path: Path, monkeypatch, *overrides: str) -> dict[str, float]:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(REPO / "recipes" / recipe), *FAST_RUN, *overrides])
+    (metrics,) = (tmp_path / "runs").rglob("metrics.csv")
+    (row,) = [r for r in csv.DictReader(metrics.open()) if r.get("rollout/score")]
+    return {key: float(value) for key, value in row.items() if value}
+
+
+def test_qwen_recipe_runs_in_bf16_true_with_a_chat_reward_model(tmp_path, monkeypatch):
+    tokenizer = byte_bpe(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    policy = save(
+        transformers.Qwen2ForCausalLM,
+        transformers.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True, **ids),
+        tokenizer,
+        tmp_path / "qwen2",
+    )
+    reward = save(
+        transformers.Qwen3ForSequenceClassification,
+        transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16, num_labels=1, **ids),
+        tokenizer,
+        tmp_path / "qwen3_rm",
+    )
+    row = run_recipe(
+        "qwen2.5-0.5b-instruct_rm.yaml",
+        tmp_path,
+        monkeypatch,
+        f"--model.policy.name_or_path={policy}",
+        f"--model.reward.init_args.name_or_path={reward}",
+        f"--data.prompts={REPO / 'recipes' / 'data' / 'chat_prompts.jsonl'}",
+    )
+    assert row["policy/updates"] == 4  # num_minibatches 4 of the recipe, one epoch
+    for name in ("rollout/score", "objective/kl", "loss/total", "policy/grad_norm"):
+        assert math.isfinite(row[name]), name
+
+
+def test_gpt2_recipe_runs_full_fine_tuning_with_a_classifier_reward(tmp_path, monkeypatch):
+    tokenizer = byte_bpe(["<|endoftext|>"], eos_token="<|endoftext|>")  # GPT-2: no pad token
+    policy = save(
+        transformers.GPT2LMHeadModel,
+        transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id
+        ),
+        tokenizer,
+        tmp_path / "gpt2",
+    )
+    rm_tokenizer = byte_bpe(["[PAD]"], pad_token="[PAD]")
+    reward = save(
+        transformers.DistilBertForSequenceClassification,
+        transformers.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=len(rm_tokenizer)),
+        rm_tokenizer,
+        tmp_path / "distilbert",
+    )
+    row = run_recipe(
+        "gpt2-imdb_sentiment.yaml",
+        tmp_path,
+        monkeypatch,
+        f"--model.policy.name_or_path={policy}",
+        f"--model.reward.init_args.name_or_path={reward}",
+        "--data.batch_size=8",
+    )
+    assert row["policy/updates"] == 4
+    for name in ("rollout/score", "objective/kl", "loss/total", "policy/grad_norm"):
+        assert math.isfinite(row[name]), name
