@@ -19,8 +19,8 @@ from lightning_rlhf.models import PolicyValueModel
 def fully_shard_policy(model: PolicyValueModel, mesh: Any) -> None:
     """FSDP2: one unit per decoder layer of the policy (and of a full-fine-tuning reference), then the root.
 
-    Embeddings, final norm, ``lm_head`` and the value head stay in the root unit, so tied input/output embeddings
-    (Qwen2, Gemma) remain tied.
+    Embeddings, final norm and ``lm_head`` stay in the root unit, so tied input/output embeddings (Qwen2, Gemma) remain
+    tied; the value head is a unit of its own.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -36,6 +36,9 @@ def fully_shard_policy(model: PolicyValueModel, mesh: Any) -> None:
             )
         for layer in layers:
             fully_shard(layer, mesh=mesh)
+    # FSDP2 needs one dtype among a unit's trainable parameters: the value head is always float32, the LM's weights
+    # may be bfloat16 (policy.dtype), so the head is a unit of its own.
+    fully_shard(model.value_head, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 

@@ -6,6 +6,7 @@ DDP and resume from its own checkpoint to the weights of an uninterrupted run.
 """
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,22 @@ def test_fsdp2_resumes_with_an_optimizer_that_keeps_no_state(tmp_path):
     resumed = run_cli(tmp_path, "resumed", sgd_config("resumed"), *two_processes("fsdp2"), f"--ckpt_path={ckpt}")
     for a, b in zip(dumps(resumed, 2), dumps(straight, 2), strict=True):
         assert_same_weights(a["weights"], b["weights"])
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fsdp2_trains_bf16_weights_beside_the_float32_value_head(tmp_path, lora):
+    # policy.dtype bfloat16 keeps the value head float32; FSDP2 refuses mixed dtypes among a unit's trainable
+    # parameters, so the head must be a unit of its own (it shared the root with the bf16 embeddings / lm_head).
+    cfg = config(tmp_path / "run", batch_size=2, max_steps=2)
+    cfg["model"]["init_args"]["policy"]["dtype"] = "bfloat16"
+    if not lora:
+        cfg["model"]["init_args"]["lora"] = {"enabled": False}
+    out = run_cli(tmp_path, "run", cfg, *two_processes("fsdp2"))
+    step1, step2 = dumps(out, 1)[0]["weights"], dumps(out, 2)[0]["weights"]
+    assert {name for name, w in step2.items() if w.dtype == torch.float32 and "lora_" not in name} == {
+        "model.value_head.weight",
+        "model.value_head.bias",
+    }
+    assert any(w.dtype == torch.bfloat16 for w in step2.values())  # full: the LM; LoRA: the trained lm_head copy
+    assert not all(torch.equal(step1[name], step2[name]) for name in step2)
+    assert all(math.isfinite(float(row["loss/total"])) for row in metrics(out))
