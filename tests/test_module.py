@@ -574,6 +574,10 @@ def test_bf16_true_precision_trains_with_every_weight_in_bf16():
     trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
     assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     assert set(values) == {torch.bfloat16}
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        _, out = module.model(ids, torch.ones_like(ids, dtype=torch.bool), mode="policy")
+    assert out.dtype == torch.float32
     metrics = trainer.logged_metrics
     assert float(metrics["policy/updates"]) == module.ppo.ppo_epochs * module.ppo.num_minibatches
     for name in ("loss/total", "loss/value", "value/explained_var", "objective/kl", "policy/grad_norm"):
