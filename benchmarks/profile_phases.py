@@ -10,7 +10,9 @@ the top operators by self device time and by self host time. The rollout is prof
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
 import time
 
 import ppo_iteration as bench
@@ -19,17 +21,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_rlhf.rollout import generate_rollout
 
-PROFILE_ROLLOUT = "--profile-rollout" in sys.argv
+PROFILE_ROLLOUT = "--profile-rollout"
 """Also profile the rollout (slow: every decode step's operators are recorded)."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = bench.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--profile-rollout"])
+    argv = sys.argv[1:] if argv is None else argv
+    profile_rollout = PROFILE_ROLLOUT in argv
+    args = bench.parse_args([a for a in argv if a != PROFILE_ROLLOUT])
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     prompts = bench.make_prompts(2 * args.batch, *args.prompt_len, seed=args.seed)
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="lightning_rlhf_profile_") as model_dir:
         if args.preset != "none":
             bench.save_random_model(args.preset, model_dir, args.seed)
@@ -48,14 +50,14 @@ def main(argv: list[str] | None = None) -> None:
         profiled = index == 1
         with bench.precision_context(args, device):
             parts = {}
-            with profile(activities=activities) if profiled and PROFILE_ROLLOUT else _null() as prof:
+            with profile(activities=activities) if profiled and profile_rollout else contextlib.nullcontext() as prof:
                 started = clock()
                 rollout = generate_rollout(
                     module.model, prompt_ids, prompt_mask, module.generation, eos_token_id=eos, pad_token_id=pad
                 )
                 parts["rollout"] = (clock() - started, prof)
             rollout, _ = bench.score_and_advantages(module, batch["prompts"], rollout, clock)
-            with profile(activities=activities) if profiled else _null() as prof:
+            with profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
                 started = clock()
                 bench.ppo_update(module, rollout, optimizer, clock)
                 parts["update"] = (clock() - started, prof)
@@ -65,14 +67,6 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"\n##### {name}: wall {wall:.3f} s (not profiled)")
                 else:
                     report(name, wall, prof, device)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def report(name: str, wall: float, prof: profile, device: torch.device) -> None:

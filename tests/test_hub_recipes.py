@@ -24,8 +24,9 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-CORPUS = [line for line in (REPO / "recipes" / "data" / "chat_prompts.jsonl").read_text().splitlines()] + [
-    "The movie was great, I watched this film and loved it. A terrible, boring plot."
+CORPUS = [
+    *(REPO / "recipes" / "data" / "chat_prompts.jsonl").read_text().splitlines(),
+    "The movie was great, I watched this film and loved it. A terrible, boring plot.",
 ]
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 FAST_RUN = [
