@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="32-true; bf16-mixed (bfloat16 autocast, float32 weights); bf16-true (the LM's weights in bfloat16). "
         "None: bf16-true on CUDA, 32-true on CPU",
     )
+    parser.add_argument(
+        "--no-cast-weights-once",
+        action="store_true",
+        help="generation.cast_weights_once false (bf16-mixed sampling casts the weights at every decode step)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
     args = parser.parse_args(argv)
@@ -104,7 +109,12 @@ def run(args: argparse.Namespace, model_dir: str) -> None:
     stops = list(range(3, 3 + count)) if count else [vocab]  # vocab: an id the model cannot sample
 
     def package(engine: str, merge: bool) -> Callable[[], torch.Tensor]:
-        config = GenerationConfig(max_new_tokens=args.max_new_tokens, engine=engine, merge_lora=merge)
+        config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            engine=engine,
+            merge_lora=merge,
+            cast_weights_once=not args.no_cast_weights_once,
+        )
         return lambda: sample_responses(policy, prompt_ids, prompt_mask, config, stops, tokenizer.pad_token_id, False)
 
     def plain() -> torch.Tensor:
@@ -126,8 +136,8 @@ def run(args: argparse.Namespace, model_dir: str) -> None:
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     tokens: dict[str, list[int]] = {name: [] for name in variants}
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
+    autocast = (  # without the weight-cast cache, as Lightning's bf16-mixed plugin runs training_step
+        torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
         if args.precision == "bf16-mixed"
         else contextlib.nullcontext()
     )
@@ -160,6 +170,7 @@ def run(args: argparse.Namespace, model_dir: str) -> None:
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "precision": args.precision,
+            "cast_weights_once": not args.no_cast_weights_once,
             "lora_r": args.lora_r,
             "batch": args.batch,
             "prompt_len": list(args.prompt_len),
