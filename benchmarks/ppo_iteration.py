@@ -142,23 +142,21 @@ class SeparatePolicyValue(nn.Module):
         attention_mask: Tensor,
         mode: str = "policy",
         logits_slice: tuple[int, int] | None = None,
+        packing: bool = False,
         **generate_kwargs: Any,
     ) -> tuple[Tensor, Tensor] | Tensor:
         attention_mask = attention_mask.long()
         if mode == "generate":
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        inputs = (input_ids, attention_mask, logits_slice, packing)
         if mode == "ref":
-            return PolicyValueModel._logits(
-                self.ref_lm, PolicyValueModel._hidden(self.ref_lm, input_ids, attention_mask, logits_slice)
-            )
+            return PolicyValueModel._logits(self.ref_lm, PolicyValueModel._hidden(self.ref_lm, *inputs))
         started = self.clock()
         policy = PolicyValueModel._causal_lm(self.lm)
-        logits = PolicyValueModel._logits(
-            policy, PolicyValueModel._hidden(policy, input_ids, attention_mask, logits_slice)
-        )
+        logits = PolicyValueModel._logits(policy, PolicyValueModel._hidden(policy, *inputs))
         middle = self.clock()
         # LlamaModel.get_decoder() is the model itself, so _hidden runs the critic's decoder.
-        hidden = PolicyValueModel._hidden(self.critic, input_ids, attention_mask, logits_slice)
+        hidden = PolicyValueModel._hidden(self.critic, *inputs)
         values = self.value_head(hidden.float()).squeeze(-1)
         self.seconds["policy"] += middle - started
         self.seconds["critic"] += self.clock() - middle

@@ -63,6 +63,11 @@ class PPOConfig:
     """Optimizer steps per PPO epoch; must divide the per-device rollout batch size."""
     micro_batch_size: int | None = None
     """Rows per forward/backward (gradient accumulation within a minibatch); None = the whole minibatch."""
+    packing: bool = False
+    """Pack the real tokens of a micro-batch's rows into fewer rows for every scoring and update forward (no compute
+    on padding; :mod:`lightning_rlhf.packing`). Pays when responses end at different lengths; results equal the
+    padded forward up to rounding. The model is checked to keep packed sequences apart before its first packed
+    forward."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value before each optimizer step; None = no clipping."""
     early_stop_kl: float | None = None

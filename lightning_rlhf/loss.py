@@ -36,13 +36,21 @@ class PPOObjective(NamedTuple):
 def ppo_objective(model: PolicyValueModel, part: Rollout, ppo: PPOConfig, temperature: float) -> PPOObjective:
     """Clipped surrogate, value loss and entropy bonus of ``part`` under the current policy.
 
-    Columns that are padding in every row of ``part`` are dropped first (:meth:`Rollout.trim_padding`). Without an
-    entropy bonus (``ent_coef == 0``) the entropy is computed without a graph: it is only logged, and its backward over
-    a full vocabulary costs about 3x its forward (0.5 s per minibatch at 152k tokens).
+    Columns that are padding in every row of ``part`` are dropped first (:meth:`Rollout.trim_padding`); with
+    ``ppo.packing`` the forward runs the rows packed, without padding positions. Without an entropy bonus
+    (``ent_coef == 0``) the entropy is computed without a graph: it is only logged, and its backward over a full
+    vocabulary costs about 3x its forward (0.5 s per minibatch at 152k tokens).
     """
     part = part.trim_padding()
     out = forward_response(
-        model, part.prompt_ids, part.prompt_mask, part.response_ids, part.response_mask, temperature, mode="policy"
+        model,
+        part.prompt_ids,
+        part.prompt_mask,
+        part.response_ids,
+        part.response_mask,
+        temperature,
+        mode="policy",
+        packing=ppo.packing,
     )
     policy_loss, policy_stats = F.policy_loss(
         out.logprobs,

@@ -38,6 +38,8 @@ import transformers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rlhf.packing import pack_rows, unpack, verify_packing
+
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES: tuple[str, ...] = ("policy", "ref", "generate")
 BYTE_TOKENIZER = "byte"
@@ -324,6 +326,7 @@ class PolicyValueModel(nn.Module):
         attention_mask: Tensor,
         mode: str = "policy",
         logits_slice: tuple[int, int] | None = None,
+        packing: bool = False,
         **generate_kwargs,
     ) -> tuple[Tensor, Tensor] | Tensor:
         """Policy logits and values, reference logits, or generated tokens.
@@ -334,6 +337,8 @@ class PolicyValueModel(nn.Module):
             mode: ``"policy"``, ``"ref"`` or ``"generate"``.
             logits_slice: ``(start, end)``: return logits and values for positions ``start:end`` only (the others'
                 logits are never computed); None means every position.
+            packing: run the rows' real tokens packed into fewer rows (:mod:`lightning_rlhf.packing`); each row's
+                real tokens must be contiguous. Same results up to rounding; ``"policy"`` and ``"ref"`` only.
             **generate_kwargs: passed to ``generate`` (``mode="generate"`` only).
         Returns:
             ``"policy"``: ``(logits, values)``, (B, S, V) in the LM's dtype and (B, S) float32, where S is the slice
@@ -348,16 +353,17 @@ class PolicyValueModel(nn.Module):
         if generate_kwargs:
             raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
         if mode == "policy":
-            hidden = self._hidden(self._causal_lm(self.lm), input_ids, attention_mask, logits_slice)
+            hidden = self._hidden(self._causal_lm(self.lm), input_ids, attention_mask, logits_slice, packing)
             # float32 unless the whole module was cast (precision bf16-true): the head reads the hidden state in its
             # own dtype, and the values leave in float32 for the PPO math either way.
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
             return self._logits(self._causal_lm(self.lm), hidden), values
         if self.ref_lm is not None:
-            return self._logits(self.ref_lm, self._hidden(self.ref_lm, input_ids, attention_mask, logits_slice))
+            hidden = self._hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing)
+            return self._logits(self.ref_lm, hidden)
         with self.lm.disable_adapter():
             base = self._causal_lm(self.lm)
-            return self._logits(base, self._hidden(base, input_ids, attention_mask, logits_slice))
+            return self._logits(base, self._hidden(base, input_ids, attention_mask, logits_slice, packing))
 
     @staticmethod
     def _causal_lm(lm: nn.Module) -> nn.Module:
@@ -365,15 +371,25 @@ class PolicyValueModel(nn.Module):
 
     @staticmethod
     def _hidden(
-        causal_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, logits_slice: tuple[int, int] | None
+        causal_lm: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        logits_slice: tuple[int, int] | None,
+        packing: bool = False,
     ) -> Tensor:
+        """(B, S, H) final hidden states (after the final norm) at the ``logits_slice`` positions."""
+        start, end = logits_slice or (0, input_ids.shape[1])
+        decoder = causal_lm.get_decoder()
+        if packing:
+            verify_packing(decoder)
+            packed = pack_rows(input_ids, attention_mask)
+            # No attention mask: transformers reads the sequence boundaries from the restarting position ids.
+            out = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+            return unpack(out.last_hidden_state, packed.index[:, start:end])
         # (B, L): positions count real tokens only, so a left-padded row sees the same positions as the row alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = causal_lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        hidden = out.last_hidden_state  # (B, L, H), after the final norm
-        return hidden if logits_slice is None else hidden[:, logits_slice[0] : logits_slice[1]]
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state[:, start:end]
 
     @staticmethod
     def _logits(causal_lm: nn.Module, hidden: Tensor) -> Tensor:

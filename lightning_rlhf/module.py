@@ -231,6 +231,7 @@ class PPOModule(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
             micro_batch_size=self.ppo.micro_batch_size,
             synced_gpus=self.sharded,
+            packing=self.ppo.packing,
         )
 
     def decode_responses(self, rollout: Rollout) -> list[str]:

@@ -132,6 +132,7 @@ def forward_response(
     response_mask: Tensor,
     temperature: float,
     mode: str = "policy",
+    packing: bool = False,
 ) -> ResponseForward:
     """One forward of prompt + response; logprobs and values for the response tokens.
 
@@ -146,6 +147,7 @@ def forward_response(
         response_mask: (B, T) bool, True for a real response token.
         temperature: the sampling temperature, > 0.
         mode: ``"policy"`` (logprobs and values) or ``"ref"`` (reference logprobs, no values).
+        packing: run the rows packed (:mod:`lightning_rlhf.packing`): no forward over padding positions.
     Returns:
         A :class:`ResponseForward`.
     """
@@ -156,7 +158,7 @@ def forward_response(
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
     logits_slice = (prompt_len - 1, prompt_len + response_len - 1)
-    out = model(input_ids, attention_mask, mode=mode, logits_slice=logits_slice)
+    out = model(input_ids, attention_mask, mode=mode, logits_slice=logits_slice, packing=packing)
     logits, values = out if mode == "policy" else (out, None)
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
     logprobs = torch.where(response_mask, logprobs_from_logits(logits, response_ids, temperature).float(), zero)
@@ -215,6 +217,7 @@ def _generate_and_score(
     pad_token_id: int,
     micro_batch_size: int | None,
     synced_gpus: bool,
+    packing: bool,
 ) -> Rollout:
     response_ids, response_mask, ended = truncate_at_stop(
         sample_responses(model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus),
@@ -235,10 +238,10 @@ def _generate_and_score(
             response_mask[rows, :end],
         )
         pad = (0, response_ids.shape[1] - end)
-        policy = forward_response(model, *args, generation.temperature, mode="policy")
+        policy = forward_response(model, *args, generation.temperature, mode="policy", packing=packing)
         parts["old_logprobs"].append(nn.functional.pad(policy.logprobs, pad))
         parts["old_values"].append(nn.functional.pad(policy.values, pad))
-        ref = forward_response(model, *args, generation.temperature, mode="ref")
+        ref = forward_response(model, *args, generation.temperature, mode="ref", packing=packing)
         parts["ref_logprobs"].append(nn.functional.pad(ref.logprobs, pad))
     return Rollout(
         prompt_ids=prompt_ids,
@@ -297,6 +300,7 @@ def generate_rollout(
     pad_token_id: int,
     micro_batch_size: int | None = None,
     synced_gpus: bool = False,
+    packing: bool = False,
 ) -> Rollout:
     """Sample one response per prompt and compute old logprobs, reference logprobs and values.
 
@@ -312,6 +316,7 @@ def generate_rollout(
         micro_batch_size: rows per scoring forward (old/ref logprobs, values); None scores the whole batch at once.
             Generation runs in chunks of ``generation.batch_size`` rows.
         synced_gpus: keep generating until every rank is done (needed when parameters are sharded, e.g. FSDP).
+        packing: score the rows packed (:mod:`lightning_rlhf.packing`), as ``ppo.packing`` does in the update.
     Returns:
         A :class:`Rollout` with the first eight fields set.
     """
@@ -326,7 +331,15 @@ def generate_rollout(
     model.eval()
     try:
         return _generate_and_score(
-            model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, micro_batch_size, synced_gpus
+            model,
+            prompt_ids,
+            prompt_mask,
+            generation,
+            stop_token_ids,
+            pad_token_id,
+            micro_batch_size,
+            synced_gpus,
+            packing,
         )
     finally:
         for module, training in modes.items():

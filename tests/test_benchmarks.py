@@ -19,12 +19,16 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_RUN = ("--preset", "qwen2-tiny", "--batch", "4", "--prompt-len", "4", "8", "--max-new-tokens", "4")
 
 
-def run_script(script: str, *args: str) -> dict:
+def run_script_lines(script: str, *args: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(BENCHMARKS / script), *args, "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in done.stdout.strip().splitlines()]
+
+
+def run_script(script: str, *args: str) -> dict:
+    return run_script_lines(script, *args)[-1]
 
 
 @pytest.mark.parametrize("design", ["shared", "separate"])
@@ -55,3 +59,17 @@ def test_generation_benchmark_runs_every_variant_to_full_length():
     assert out["config"]["vocab"] == 1000
     assert set(out["response_tokens_mean"].values()) == {4 * 4}  # 4 rows x 4 tokens, no stop token reachable
     assert out["speedup_vs_plain_generate"]["plain_generate"] == 1.0
+
+
+def test_packing_benchmark_packs_short_responses_into_fewer_positions():
+    args = ("--preset", "qwen2-tiny", "--batch", "8", "--num-minibatches", "2", "--prompt-len", "4", "8")
+    full, skewed = run_script_lines(
+        "packing.py", *args, "--max-new-tokens", "16", "--lengths", "full", "skewed", "--repeats", "1"
+    )
+    assert (full["config"]["lengths"], skewed["config"]["lengths"]) == ("full", "skewed")
+    assert full["response_tokens_mean"] == 16 > skewed["response_tokens_mean"]
+    # Rows of 20-24 positions: two never share a 24-wide row, so full-length responses leave nothing to pack.
+    assert full["decoder_positions"]["packed"] == full["decoder_positions"]["padded"]
+    positions = skewed["decoder_positions"]
+    assert positions["real_tokens"] <= positions["packed"] < 0.8 * positions["padded"]
+    assert set(skewed["seconds_median"]) == {"scoring_padded", "scoring_packed", "update_padded", "update_packed"}

@@ -135,6 +135,15 @@ def test_fsdp2_matches_ddp(runs):
         assert_same_weights(fsdp[0]["weights"], fsdp[1]["weights"])
 
 
+def test_fsdp2_with_packing_matches_fsdp2_padded(runs, tmp_path):
+    # The boundary check and the packed scoring and update forwards run on every rank of a sharded model.
+    cfg = config(tmp_path / "packed", batch_size=2, max_steps=2)
+    cfg["model"]["init_args"]["ppo"]["packing"] = True
+    packed = run_cli(tmp_path, "packed", cfg, *two_processes("fsdp2"))
+    for step in (1, 2):
+        assert_same_weights(dumps(packed, step)[0]["weights"], dumps(runs["fsdp2"], step)[0]["weights"])
+
+
 def test_fsdp2_resume_mid_epoch_continues_exactly(runs):
     assert not list(runs["resumed"].glob("rank*_step1.pt")), "the resumed run repeated step 1"
     for step in (2, 3):

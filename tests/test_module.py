@@ -130,6 +130,29 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient():
         torch.testing.assert_close(split[name], whole[name], msg=name)
 
 
+def test_packing_trains_like_the_padded_update_on_fewer_positions():
+    def run(packing):
+        seed_everything(0, verbose=False)
+        module = make_module(
+            generation=GenerationConfig(max_new_tokens=5, do_sample=False),
+            ppo=PPOConfig(ppo_epochs=2, num_minibatches=1, packing=packing),
+        )
+        module.configure_model()
+        positions = []
+        module.model.lm.get_base_model().get_decoder().register_forward_pre_hook(
+            lambda m, a, kw: positions.append(kw["input_ids"].numel()) if not kw["use_cache"] else None,
+            with_kwargs=True,
+        )
+        fit(module, batch_size=4, prompts=["a", "a much longer prompt, in bytes", "b", "xy"])
+        return snapshot(module), sum(positions)
+
+    (padded, padded_positions), (packed, packed_positions) = run(False), run(True)
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], msg=name)
+    # Scoring and update forwards all ran packed: 2 rows instead of 4 (plus the boundary check's 21 positions).
+    assert packed_positions < 0.6 * padded_positions
+
+
 def test_full_finetuning_keeps_reference_frozen():
     module = make_module(lora=LoraConfig(enabled=False))
     module.configure_model()
