@@ -70,6 +70,7 @@ from lightning_rlhf.flops import (
     DecoderShape,
     Lora,
     MatmulRate,
+    Work,
     forward_flops,
     forward_work,
     generation_work,
@@ -143,6 +144,7 @@ class SeparatePolicyValue(nn.Module):
         mode: str = "policy",
         logits_slice: tuple[int, int] | None = None,
         packing: bool = False,
+        logits_mask: Tensor | None = None,
         **generate_kwargs: Any,
     ) -> tuple[Tensor, Tensor] | Tensor:
         attention_mask = attention_mask.long()
@@ -150,10 +152,10 @@ class SeparatePolicyValue(nn.Module):
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         inputs = (input_ids, attention_mask, logits_slice, packing)
         if mode == "ref":
-            return PolicyValueModel._logits(self.ref_lm, PolicyValueModel._hidden(self.ref_lm, *inputs))
+            return PolicyValueModel._logits(self.ref_lm, PolicyValueModel._hidden(self.ref_lm, *inputs), logits_mask)
         started = self.clock()
         policy = PolicyValueModel._causal_lm(self.lm)
-        logits = PolicyValueModel._logits(policy, PolicyValueModel._hidden(policy, *inputs))
+        logits = PolicyValueModel._logits(policy, PolicyValueModel._hidden(policy, *inputs), logits_mask)
         middle = self.clock()
         # LlamaModel.get_decoder() is the model itself, so _hidden runs the critic's decoder.
         hidden = PolicyValueModel._hidden(self.critic, *inputs)
@@ -236,8 +238,11 @@ class ModelCall(NamedTuple):
     rows: int
     length: int
     """Positions per row: prompt + response columns."""
+    slice_positions: int
+    """Positions per row the value head reads: the length of ``logits_slice``."""
     logit_positions: int
-    """Positions per row with logits (and values): the length of ``logits_slice``."""
+    """Positions with logits, all rows together: the True positions of ``logits_mask`` (the real response tokens),
+    or ``rows x slice_positions`` without one."""
     grad: bool
     """Grad was enabled: an update step, whose backward follows."""
 
@@ -288,7 +293,9 @@ class ModeMarks:
         if mode != "generate":
             input_ids = args[0] if args else kwargs["input_ids"]
             start, end = kwargs.get("logits_slice") or (0, input_ids.shape[1])
-            self.calls.append(ModelCall(mode, *input_ids.shape, end - start, torch.is_grad_enabled()))
+            mask = kwargs.get("logits_mask")
+            logits = input_ids.shape[0] * (end - start) if mask is None else int(mask.sum())
+            self.calls.append(ModelCall(mode, *input_ids.shape, end - start, logits, torch.is_grad_enabled()))
 
     def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.active:
@@ -318,16 +325,20 @@ def call_flops(args: argparse.Namespace, shape: DecoderShape, call: ModelCall) -
     critic (a full backbone without ``lm_head``, trained in full) only values.
     """
     lora = None if args.full else Lora(rank=args.lora_r)
-    rows, length, logits = call.rows, call.length, call.logit_positions
+
+    def work(logits: bool, values: bool) -> Work:
+        backbone = forward_work(call.rows, call.length, logit_positions=0)
+        value_positions = call.rows * call.slice_positions if values else 0
+        return dataclasses.replace(
+            backbone, logit_positions=call.logit_positions if logits else 0, value_positions=value_positions
+        )
+
     if call.mode == "ref":
-        return forward_flops(shape, forward_work(rows, length, logits)).total
+        return forward_flops(shape, work(logits=True, values=False)).total
     step = train_flops if call.grad else forward_flops
     if args.design == "shared":
-        return step(shape, forward_work(rows, length, logits, logits), lora).total
-    return (
-        step(shape, forward_work(rows, length, logits), lora).total
-        + step(shape, forward_work(rows, length, 0, logits)).total
-    )
+        return step(shape, work(logits=True, values=True), lora).total
+    return step(shape, work(logits=True, values=False), lora).total + step(shape, work(logits=False, values=True)).total
 
 
 def sampling_flops(
@@ -367,7 +378,7 @@ def real_token_flops(args: argparse.Namespace, shape: DecoderShape, tokens: dict
         length = prompt_len + new_tokens
         phases["generate"] += sampling_flops(args, shape, 1, prompt_len, tokens)
         for mode, grad, repeats in (("policy", False, 1), ("ref", False, 1), ("policy", True, args.ppo_epochs)):
-            call = ModelCall(mode, 1, length, new_tokens, grad)
+            call = ModelCall(mode, 1, length, new_tokens, new_tokens, grad)
             phases[call.phase] += repeats * call_flops(args, shape, call)
     return with_totals(phases)
 

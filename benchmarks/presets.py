@@ -32,6 +32,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
     },
+    # The reference config's backbone (hidden 256, 4 layers) with Qwen2's real vocabulary: lm_head and the
+    # full-vocabulary log-softmax dominate, as they do in small LLMs (lm_head is 27% of Qwen2-0.5B's forward FLOPs).
+    "qwen2-h256": {
+        "model_type": "qwen2",
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 151936,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+    },
     # The same architecture at toy size: a seconds-long CPU check of the preset path.
     "qwen2-tiny": {
         "model_type": "qwen2",

@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_rlhf import functional as F
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.models import PolicyValueModel
-from lightning_rlhf.rollout import forward_response
+from lightning_rlhf.rollout import forward_response, scatter_tokens
 from lightning_rlhf.types import PolicyLossStats, Rollout, ValueLossStats
 
 
@@ -65,7 +65,7 @@ def ppo_objective(model: PolicyValueModel, part: Rollout, ppo: PPOConfig, temper
         out.values, part.old_values, part.returns, part.response_mask, ppo.value_clip_coef, ppo.aggregation
     )
     with torch.set_grad_enabled(ppo.ent_coef > 0 and torch.is_grad_enabled()):
-        token_entropy = F.entropy_from_logits(out.logits, temperature)
+        token_entropy = scatter_tokens(F.entropy_from_logits(out.logits, temperature), part.response_mask)
     entropy = F.aggregate(token_entropy, part.response_mask, ppo.aggregation)
     loss = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy
     return PPOObjective(

@@ -327,6 +327,7 @@ class PolicyValueModel(nn.Module):
         mode: str = "policy",
         logits_slice: tuple[int, int] | None = None,
         packing: bool = False,
+        logits_mask: Tensor | None = None,
         **generate_kwargs,
     ) -> tuple[Tensor, Tensor] | Tensor:
         """Policy logits and values, reference logits, or generated tokens.
@@ -339,11 +340,13 @@ class PolicyValueModel(nn.Module):
                 logits are never computed); None means every position.
             packing: run the rows' real tokens packed into fewer rows (:mod:`lightning_rlhf.packing`); each row's
                 real tokens must be contiguous. Same results up to rounding; ``"policy"`` and ``"ref"`` only.
+            logits_mask: (B, S) bool over the slice: compute logits only where True (``lm_head`` and everything
+                after it skip the padding); the logits are then (N, V) for the N True positions in row-major order.
             **generate_kwargs: passed to ``generate`` (``mode="generate"`` only).
         Returns:
-            ``"policy"``: ``(logits, values)``, (B, S, V) in the LM's dtype and (B, S) float32, where S is the slice
-            length (L without a slice). ``"ref"``: the reference logits, (B, S, V). ``"generate"``: (B, L + T') long,
-            the prompts followed by the generated tokens.
+            ``"policy"``: ``(logits, values)``, (B, S, V) (or (N, V) with ``logits_mask``) in the LM's dtype and
+            (B, S) float32, where S is the slice length (L without a slice). ``"ref"``: the reference logits, (B, S, V)
+            or (N, V). ``"generate"``: (B, L + T') long, the prompts followed by the generated tokens.
         """
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(repr(m) for m in MODES)}.")
@@ -357,13 +360,14 @@ class PolicyValueModel(nn.Module):
             # float32 unless the whole module was cast (precision bf16-true): the head reads the hidden state in its
             # own dtype, and the values leave in float32 for the PPO math either way.
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
-            return self._logits(self._causal_lm(self.lm), hidden), values
+            return self._logits(self._causal_lm(self.lm), hidden, logits_mask), values
         if self.ref_lm is not None:
             hidden = self._hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing)
-            return self._logits(self.ref_lm, hidden)
+            return self._logits(self.ref_lm, hidden, logits_mask)
         with self.lm.disable_adapter():
             base = self._causal_lm(self.lm)
-            return self._logits(base, self._hidden(base, input_ids, attention_mask, logits_slice, packing))
+            hidden = self._hidden(base, input_ids, attention_mask, logits_slice, packing)
+            return self._logits(base, hidden, logits_mask)
 
     @staticmethod
     def _causal_lm(lm: nn.Module) -> nn.Module:
@@ -392,8 +396,11 @@ class PolicyValueModel(nn.Module):
         return out.last_hidden_state[:, start:end]
 
     @staticmethod
-    def _logits(causal_lm: nn.Module, hidden: Tensor) -> Tensor:
-        logits = causal_lm.get_output_embeddings()(hidden)  # (B, S, V)
+    def _logits(causal_lm: nn.Module, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, S, V) logits of (B, S, H) hidden states, or (N, V) at the N positions where ``mask`` is True."""
+        if mask is not None:
+            hidden = hidden[mask]  # (N, H)
+        logits = causal_lm.get_output_embeddings()(hidden)  # (B, S, V) or (N, V)
         cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
         if cap is not None:  # Gemma 2 and later: cap * tanh(logits / cap)
             logits = torch.tanh(logits / cap) * cap

@@ -117,7 +117,8 @@ class ResponseForward(NamedTuple):
     """Outputs of one forward over prompt + response, at the response positions."""
 
     logits: Tensor
-    """(B, T, V) logits that predict response token t (not masked, not divided by the temperature)."""
+    """(N, V) logits at the N real response tokens, in row-major order of the response mask: the logits that predict
+    each of them (not divided by the temperature). No logits are computed for padding."""
     logprobs: Tensor
     """(B, T) float32 log-probabilities of the response tokens at the temperature; 0 where the mask is False."""
     values: Tensor | None
@@ -158,13 +159,19 @@ def forward_response(
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
     logits_slice = (prompt_len - 1, prompt_len + response_len - 1)
-    out = model(input_ids, attention_mask, mode=mode, logits_slice=logits_slice, packing=packing)
+    out = model(
+        input_ids, attention_mask, mode=mode, logits_slice=logits_slice, packing=packing, logits_mask=response_mask
+    )
     logits, values = out if mode == "policy" else (out, None)
-    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-    logprobs = torch.where(response_mask, logprobs_from_logits(logits, response_ids, temperature).float(), zero)
+    logprobs = scatter_tokens(logprobs_from_logits(logits, response_ids[response_mask], temperature), response_mask)
     if values is not None:
-        values = torch.where(response_mask, values.float(), zero)
+        values = torch.where(response_mask, values.float(), torch.zeros((), device=values.device))
     return ResponseForward(logits=logits, logprobs=logprobs, values=values)
+
+
+def scatter_tokens(per_token: Tensor, mask: Tensor) -> Tensor:
+    """(N,) values of the real tokens -> (B, T) float32, in row-major order of ``mask`` (B, T), 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, per_token.float())
 
 
 def truncate_at_stop(

@@ -45,7 +45,11 @@ def test_ppo_objective_is_policy_plus_weighted_value_minus_weighted_entropy(scor
     mask = r.response_mask
     pg, pg_stats = F.policy_loss(out.logprobs, r.old_logprobs, r.advantages, mask, 0.1, None, ppo.aggregation)
     vf, vf_stats = F.value_loss(out.values, r.old_values, r.returns, mask, 0.2, ppo.aggregation)
-    entropy = F.aggregate(F.entropy_from_logits(out.logits, TEMPERATURE), mask, ppo.aggregation)
+    with torch.no_grad():  # the entropy from the logits of every position, padding included
+        logits, _ = model(torch.cat([r.prompt_ids, r.response_ids], 1), torch.cat([r.prompt_mask, mask], 1))
+    prompt_len, response_len = r.prompt_ids.shape[1], mask.shape[1]
+    token_entropy = F.entropy_from_logits(logits[:, prompt_len - 1 : prompt_len + response_len - 1], TEMPERATURE)
+    entropy = F.aggregate(token_entropy, mask, ppo.aggregation)
     torch.testing.assert_close(terms.loss.detach(), pg + 0.3 * vf - 0.05 * entropy)
     torch.testing.assert_close(terms.policy_loss, pg)
     torch.testing.assert_close(terms.value_loss, vf)

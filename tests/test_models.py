@@ -137,6 +137,21 @@ def test_logits_slice_selects_positions_and_values_are_float32(tokenizer, batch)
     torch.testing.assert_close(sliced_values, values[:, 3:7])
 
 
+@pytest.mark.parametrize("mode", ["policy", "ref"])
+def test_logits_mask_computes_logits_only_at_the_chosen_positions(tokenizer, batch, mode):
+    model = build(tokenizer)
+    full = model(*batch, mode=mode, logits_slice=(3, 7))
+    chosen = torch.tensor([[True, False, True, True], [False, False, False, True]])
+    heads = []
+    model.lm.get_base_model().get_output_embeddings().register_forward_pre_hook(lambda m, a: heads.append(a[0].shape))
+    masked = model(*batch, mode=mode, logits_slice=(3, 7), logits_mask=chosen)
+    full_logits, masked_logits = (full[0], masked[0]) if mode == "policy" else (full, masked)
+    assert heads == [(4, 32)]  # lm_head ran on the 4 chosen positions only
+    torch.testing.assert_close(masked_logits, full_logits[chosen])
+    if mode == "policy":  # the values stay (B, S): the value head is cheap and reads every position
+        torch.testing.assert_close(masked[1], full[1])
+
+
 def test_value_head_starts_near_zero(tokenizer, batch):
     model = build(tokenizer)
     # weight std 0.1 / sqrt(32) on a unit-RMS hidden state: values ~ N(0, 0.1^2), bias 0

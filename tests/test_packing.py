@@ -144,32 +144,12 @@ def test_verify_packing_accepts_a_model_that_keeps_sequences_apart_and_checks_it
 
 
 # Tiny configs of other families: absolute positions (GPT-2), q/k norms (Qwen3), logit soft-capping (Gemma 2).
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+SMALL_GQA = SMALL | {"num_key_value_heads": 2, "head_dim": 8, "vocab_size": 300}
 ARCHITECTURES = {
     "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=300)),
-    "qwen3": (
-        transformers.Qwen3ForCausalLM,
-        transformers.Qwen3Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=300,
-        ),
-    ),
-    "gemma2": (
-        transformers.Gemma2ForCausalLM,
-        transformers.Gemma2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=300,
-        ),
-    ),
+    "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SMALL_GQA)),
+    "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(**SMALL_GQA)),
 }
 
 
@@ -194,9 +174,8 @@ def test_packed_decoder_matches_the_padded_decoder_across_architectures(name):
 def test_verify_packing_refuses_opt_whose_mask_ignores_the_sequence_boundaries():
     # OPT builds its causal mask without the position ids (transformers 5.24), so packed sequences attend to each other.
     torch.manual_seed(0)
-    config = transformers.OPTConfig(
-        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300, word_embed_proj_dim=32
-    )
+    shape = {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300}
+    config = transformers.OPTConfig(**shape, word_embed_proj_dim=32)
     decoder = transformers.OPTForCausalLM(config).get_decoder()
     with pytest.raises(ValueError, match=r"ppo\.packing: OPTDecoder does not keep packed sequences apart"):
         verify_packing(decoder)

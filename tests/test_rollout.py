@@ -88,8 +88,9 @@ def test_forward_response_aligns_logits_with_the_tokens_they_predict(tokenizer, 
     full_logits, full_values = model(
         torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
     )
-    # Position P - 1 + t (P = 9) predicts response token t and holds V(s_t).
-    torch.testing.assert_close(out.logits, full_logits[:, 8:11])
+    # Position P - 1 + t (P = 9) predicts response token t and holds V(s_t). Logits exist only for the 6 real tokens.
+    torch.testing.assert_close(out.logits, full_logits[:, 8:11][response_mask])
+    assert out.logits.shape == (6, full_logits.shape[-1])
     expected = torch.log_softmax(full_logits[:, 8:11] / 0.7, -1).gather(-1, response_ids[..., None]).squeeze(-1)
     torch.testing.assert_close(out.logprobs, torch.where(response_mask, expected, 0.0))
     torch.testing.assert_close(out.values, torch.where(response_mask, full_values[:, 8:11], 0.0))
