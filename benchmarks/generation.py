@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from presets import add_preset_argument, policy_config, save_random_model
+from presets import add_model_arguments, policy_config, save_random_model
 
 from lightning_rlhf.models import LoraConfig, build_policy, load_tokenizer
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
@@ -44,12 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size")
-    parser.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    add_preset_argument(parser)
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=32, help="prompts per generate call")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="bytes")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="response length limit")

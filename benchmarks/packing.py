@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import torch
-from presets import add_preset_argument, policy_config, save_random_model
+from presets import add_model_arguments, policy_config, save_random_model
 from torch import Tensor
 
 from lightning_rlhf.config import PPOConfig
@@ -47,12 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size")
-    parser.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    add_preset_argument(parser)
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
+    add_model_arguments(parser)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--batch", type=int, default=32, help="rollout rows")
     parser.add_argument("--num-minibatches", type=int, default=4, help="minibatches of the update epoch")

@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
-from presets import add_preset_argument, fold_to_tokenizer, policy_config, save_random_model
+from presets import add_model_arguments, fold_to_tokenizer, policy_config, save_random_model
 from torch import Tensor, nn
 
 from lightning_rlhf import functional as F
@@ -685,12 +685,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     model = parser.add_argument_group("model (a random Llama with the ByT5 byte tokenizer, vocabulary 384)")
-    model.add_argument("--hidden", type=int, default=256, help="hidden size")
-    model.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
-    model.add_argument("--layers", type=int, default=4, help="decoder layers")
-    model.add_argument("--heads", type=int, default=4, help="attention heads")
-    add_preset_argument(model)
-    model.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
+    add_model_arguments(model)
     model.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     model.add_argument("--design", choices=DESIGNS, default="shared", help="shared backbone, or TRL-style models")
     ppo = parser.add_argument_group("PPO iteration")

@@ -81,8 +81,13 @@ def fold_to_tokenizer(ids: list[list[int]], size: int) -> list[list[int]]:
     return [[i % size for i in row] for row in ids]
 
 
-def add_preset_argument(group: Any) -> None:
-    """``--preset`` on an ``argparse`` parser or argument group."""
+def add_model_arguments(group: Any) -> None:
+    """The benchmark model's options on an ``argparse`` parser or argument group: the tiny Llama's shape (the issue's
+    reference config by default), ``--preset`` and the LoRA rank."""
+    group.add_argument("--hidden", type=int, default=256, help="hidden size")
+    group.add_argument("--intermediate", type=int, default=688, help="MLP intermediate size")
+    group.add_argument("--layers", type=int, default=4, help="decoder layers")
+    group.add_argument("--heads", type=int, default=4, help="attention heads")
     group.add_argument(
         "--preset",
         choices=("none", *PRESETS),
@@ -90,6 +95,7 @@ def add_preset_argument(group: Any) -> None:
         help="a published architecture with random weights (benchmarks/presets.py), loaded with from_pretrained, "
         "instead of the tiny Llama; overrides --hidden, --intermediate, --layers, --heads",
     )
+    group.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 r, every linear layer)")
 
 
 def policy_config(args: argparse.Namespace, model_dir: str) -> PolicyConfig:
