@@ -25,10 +25,12 @@ Where this departs from the usual HF usage:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +92,10 @@ class PolicyConfig:
     """Shape of the tiny random model; used only when ``name_or_path`` is None."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (non-reentrant checkpointing) to save memory."""
+    attn_implementation: str | None = None
+    """Attention kernel, passed to ``transformers``: None keeps its default (``"sdpa"``); ``"eager"``, ``"sdpa"``,
+    ``"flex_attention"``, or ``"flash_attention_2"`` (needs the ``flash-attn`` package and a GPU; it runs packed rows,
+    ``ppo.packing``, with variable-length kernels instead of a block mask)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,12 @@ def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
 
 
 def build_tiny(
-    auto_class: Any, tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, **extra: Any
+    auto_class: Any,
+    tiny: TinyModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
+    **extra: Any,
 ) -> nn.Module:
     """A small random Llama of shape ``tiny`` as ``auto_class`` (a causal LM, a sequence classifier, ...).
 
@@ -178,22 +189,39 @@ def build_tiny(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny.seed)
-        return auto_class.from_config(config, dtype=dtype)
+        return auto_class.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def _tiny_llama(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> nn.Module:
-    return build_tiny(transformers.AutoModelForCausalLM, cfg.tiny, tokenizer, dtype)
+    with _naming_attn_implementation(cfg):
+        return build_tiny(transformers.AutoModelForCausalLM, cfg.tiny, tokenizer, dtype, cfg.attn_implementation)
 
 
 def _pretrained(cfg: PolicyConfig, dtype: torch.dtype) -> nn.Module:
     name = cfg.name_or_path
     _check_local_path(name, "policy.name_or_path")
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+        with _naming_attn_implementation(cfg):
+            return transformers.AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
+            )
     except OSError as err:
         raise OSError(f"Could not load the causal LM policy.name_or_path={name!r}: {err}") from err
+
+
+@contextlib.contextmanager
+def _naming_attn_implementation(cfg: PolicyConfig) -> Iterator[None]:
+    """Re-raise transformers' refusal of an attention implementation as an error that names the field."""
+    try:
+        yield
+    except (ValueError, ImportError) as err:
+        about_attention = "attn_implementation" in str(err) or "Attention" in str(err)
+        if cfg.attn_implementation is None or not about_attention:
+            raise
+        raise ValueError(
+            f"policy.attn_implementation={cfg.attn_implementation!r} cannot be used: {err} Choose another "
+            f"(null keeps transformers' default, sdpa)."
+        ) from err
 
 
 def _check_logits_path(lm: nn.Module) -> None:

@@ -186,6 +186,29 @@ def test_from_pretrained_directory_reproduces_the_saved_model(tokenizer, batch, 
     assert torch.equal(model(*batch)[0], expected)  # a fresh adapter (B = 0) changes nothing
 
 
+def test_attn_implementation_reaches_the_model_from_config_and_from_a_directory(tokenizer, batch, tmp_path):
+    sdpa = build(tokenizer)
+    eager = build(tokenizer, attn_implementation="eager")
+    assert (sdpa.lm.config._attn_implementation, eager.lm.config._attn_implementation) == ("sdpa", "eager")
+    real = batch[1].bool()  # padding positions attend to nothing; kernels fill them differently
+    torch.testing.assert_close(eager(*batch)[0][real], sdpa(*batch)[0][real])  # another kernel, the same attention
+    sdpa.lm.get_base_model().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    cfg = PolicyConfig(name_or_path=str(tmp_path), attn_implementation="eager")
+    loaded = build_policy(cfg, LoraConfig(), tokenizer)
+    assert loaded.lm.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize(
+    ("attn_implementation", "match"), [("bogus", "is not supported"), ("flash_attention_2", "FlashAttention2")]
+)
+def test_unusable_attn_implementation_names_the_field(tokenizer, attn_implementation, match):
+    if attn_implementation == "flash_attention_2" and transformers.utils.is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ValueError, match=rf"policy\.attn_implementation='{attn_implementation}' .*{match}"):
+        build(tokenizer, attn_implementation=attn_implementation)
+
+
 def test_left_padding_does_not_shift_absolute_positions(tokenizer, batch, tmp_path):
     # GPT-2 has learned absolute positions: without position ids counted from the first real token, a left-padded
     # row would see positions 8.. instead of 0.. (Llama's rotary embedding hides that mistake).

@@ -23,9 +23,10 @@ def tokenizer():
     return load_tokenizer(PolicyConfig())
 
 
-def build(tokenizer, lora: LoraConfig | None = None):
+def build(tokenizer, lora: LoraConfig | None = None, attn_implementation: str | None = None):
     torch.manual_seed(0)
-    model = build_policy(PolicyConfig(tiny=TINY), lora or LoraConfig(r=4, alpha=8), tokenizer)
+    policy = PolicyConfig(tiny=TINY, attn_implementation=attn_implementation)
+    model = build_policy(policy, lora or LoraConfig(r=4, alpha=8), tokenizer)
     with torch.no_grad():  # a trained-looking policy that differs from the reference
         for name, param in model.lm.named_parameters():
             if "lora_B" in name:
@@ -84,9 +85,12 @@ def test_unpack_gathers_positions_and_routes_gradients_back():
     assert leaf.grad.view(6, 2).sum(-1).tolist() == [0.0, 0.0, 0.0, 0.0, 2.0, 0.0]
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_packed_forward_matches_the_padded_forward_and_its_gradient(tokenizer, lora):
-    model = build(tokenizer, LoraConfig(r=4, alpha=8) if lora else LoraConfig(enabled=False))
+@pytest.mark.parametrize(
+    ("lora", "attn_implementation"), [(True, "sdpa"), (False, "sdpa"), (True, "eager")], ids=["lora", "full", "eager"]
+)
+def test_packed_forward_matches_the_padded_forward_and_its_gradient(tokenizer, lora, attn_implementation):
+    lora_config = LoraConfig(r=4, alpha=8) if lora else LoraConfig(enabled=False)
+    model = build(tokenizer, lora_config, attn_implementation)
     inputs = responses_of_different_lengths()
     results = {}
     for packed in (False, True):
