@@ -23,9 +23,9 @@ def tokenizer():
     return load_tokenizer(PolicyConfig())
 
 
-def build(tokenizer, lora: LoraConfig | None = None, attn_implementation: str | None = None):
+def build(tokenizer, lora: LoraConfig | None = None, **policy_fields):
     torch.manual_seed(0)
-    policy = PolicyConfig(tiny=TINY, attn_implementation=attn_implementation)
+    policy = PolicyConfig(tiny=TINY, **policy_fields)
     model = build_policy(policy, lora or LoraConfig(r=4, alpha=8), tokenizer)
     with torch.no_grad():  # a trained-looking policy that differs from the reference
         for name, param in model.lm.named_parameters():
@@ -86,11 +86,13 @@ def test_unpack_gathers_positions_and_routes_gradients_back():
 
 
 @pytest.mark.parametrize(
-    ("lora", "attn_implementation"), [(True, "sdpa"), (False, "sdpa"), (True, "eager")], ids=["lora", "full", "eager"]
+    ("lora", "policy_fields"),
+    [(True, {}), (False, {}), (True, {"attn_implementation": "eager"}), (True, {"gradient_checkpointing": True})],
+    ids=["lora", "full", "eager", "checkpointing"],
 )
-def test_packed_forward_matches_the_padded_forward_and_its_gradient(tokenizer, lora, attn_implementation):
+def test_packed_forward_matches_the_padded_forward_and_its_gradient(tokenizer, lora, policy_fields):
     lora_config = LoraConfig(r=4, alpha=8) if lora else LoraConfig(enabled=False)
-    model = build(tokenizer, lora_config, attn_implementation)
+    model = build(tokenizer, lora_config, **policy_fields).train()
     inputs = responses_of_different_lengths()
     results = {}
     for packed in (False, True):
