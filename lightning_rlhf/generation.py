@@ -37,7 +37,7 @@ import transformers
 from torch import Tensor, nn
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_rlhf.models import PolicyValueModel
+from lightning_rlhf.models import PolicyValueModel, adapter_disabled
 
 ENGINES: tuple[str, ...] = ("cached", "hf")
 COMPACT_FRACTION = 0.25
@@ -297,7 +297,7 @@ def merged_lora(lm: peft.PeftModel) -> Iterator[None]:
                 differs = _bits(merged - delta) != _bits(weight)  # compared as bits: -0.0 and NaN payloads count
                 restores.append((layer, differs.nonzero(as_tuple=True), weight[differs]))
                 weight.copy_(merged)
-        with lm.disable_adapter():
+        with adapter_disabled(lm):
             yield
     finally:
         with torch.no_grad(), torch.autocast(device_type, enabled=False):

@@ -247,6 +247,26 @@ def _check_logits_path(lm: nn.Module) -> None:
         )
 
 
+@contextlib.contextmanager
+def adapter_disabled(lm: peft.PeftModel) -> Iterator[None]:
+    """The base model alone for the body: ``lm.disable_adapter()`` without its model-status scan.
+
+    peft's context manager first collects every layer's adapter status (``get_model_status``), which is most of its
+    cost: 20 ms per call on Qwen2-0.5B's 2,001 modules against 7 ms for switching the layers, host time that every
+    reference forward pays. The layers are switched the same way (peft's ``disable_adapter_layers`` and
+    ``enable_adapter_layers``); a model whose adapter is already disabled is left as it is.
+    """
+    first = next((m for m in lm.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)), None)
+    if first is None or first.disable_adapters:
+        yield
+        return
+    lm.base_model.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        lm.base_model.enable_adapter_layers()
+
+
 def _attach_lora(lm: nn.Module, lora: LoraConfig) -> peft.PeftModel:
     config = peft.LoraConfig(
         task_type="CAUSAL_LM",
@@ -392,7 +412,7 @@ class PolicyValueModel(nn.Module):
         if self.ref_lm is not None:
             hidden = self._hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing)
             return self._logits(self.ref_lm, hidden, logits_mask)
-        with self.lm.disable_adapter():
+        with adapter_disabled(self.lm):
             base = self._causal_lm(self.lm)
             hidden = self._hidden(base, input_ids, attention_mask, logits_slice, packing)
             return self._logits(base, hidden, logits_mask)

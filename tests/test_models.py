@@ -14,6 +14,7 @@ from lightning_rlhf.models import (
     PolicyConfig,
     PolicyValueModel,
     TinyModelConfig,
+    adapter_disabled,
     build_policy,
     load_tokenizer,
 )
@@ -123,6 +124,22 @@ def test_reference_logits_equal_the_base_model_exactly(tokenizer, batch):
     assert torch.equal(ref_logits, hf_logits(base.lm, *batch))
     assert (policy(*batch)[0] - ref_logits).abs().max() > 1e-2
     assert torch.equal(policy(*batch, mode="ref"), ref_logits)  # the adapter is active again after the reference
+
+
+def test_adapter_disabled_runs_the_base_model_and_restores_the_adapter_as_peft_does(tokenizer, batch):
+    model = build(tokenizer)
+    set_lora_b(model)
+    causal_lm = model.lm.get_base_model()
+    with model.lm.disable_adapter():
+        expected = hf_logits(causal_lm, *batch)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with adapter_disabled(model.lm):
+        torch.testing.assert_close(hf_logits(causal_lm, *batch), expected)
+        with adapter_disabled(model.lm):  # nested: the inner exit must not switch the adapter back on
+            pass
+        torch.testing.assert_close(hf_logits(causal_lm, *batch), expected)
+    assert (hf_logits(causal_lm, *batch) - expected).abs().max() > 1e-2  # the adapter is back
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
 
 
 def test_logits_slice_selects_positions_and_values_are_float32(tokenizer, batch):
