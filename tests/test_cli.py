@@ -10,6 +10,8 @@ from lightning_rlhf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+CONFIGS = RECIPES + sorted((REPO / "benchmarks").glob("*.yaml"))
+"""Recipes and the benchmarks' `lightning-rlhf fit` configs: every one must parse and carry the recipe header."""
 
 STAGE_MODULES = {
     "lightning_rlhf.module.PPOModule",
@@ -35,7 +37,7 @@ def test_there_are_recipes():
     assert any(p.name == "quickstart.yaml" for p in RECIPES)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+@pytest.mark.parametrize("recipe", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_recipe_parses(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(recipe), "--print_config"])
@@ -45,7 +47,7 @@ def test_recipe_parses(recipe, capsys):
     assert printed["trainer"]["max_steps"] > 0 or (printed["trainer"]["max_epochs"] or 0) > 0
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+@pytest.mark.parametrize("recipe", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_recipe_header_says_purpose_hardware_run_expect(recipe):
     header = "\n".join(line for line in recipe.read_text().splitlines() if line.startswith("#"))
     for word in ("Purpose", "Hardware", "Run:", "Expect:"):
