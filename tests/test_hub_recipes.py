@@ -14,6 +14,7 @@ import csv
 import math
 from pathlib import Path
 
+import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -65,7 +66,13 @@ def run_recipe(recipe: str, tmp_path: Path, monkeypatch, *overrides: str) -> dic
     return {key: float(value) for key, value in row.items() if value}
 
 
-def test_qwen_recipe_runs_in_bf16_true_with_a_chat_reward_model(tmp_path, monkeypatch):
+PACKING = ["--model.ppo.packing=false", "--model.ppo.packing=true"]
+"""Each recipe also runs with ppo.packing: the boundary check and packed forwards on these architectures (bf16 weights
+for Qwen, learned absolute positions and a frozen reference copy for GPT-2)."""
+
+
+@pytest.mark.parametrize("packing", PACKING, ids=["padded", "packed"])
+def test_qwen_recipe_runs_in_bf16_true_with_a_chat_reward_model(tmp_path, monkeypatch, packing):
     tokenizer = byte_bpe(
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
@@ -90,13 +97,15 @@ def test_qwen_recipe_runs_in_bf16_true_with_a_chat_reward_model(tmp_path, monkey
         f"--model.policy.name_or_path={policy}",
         f"--model.reward.init_args.name_or_path={reward}",
         f"--data.prompts={REPO / 'recipes' / 'data' / 'chat_prompts.jsonl'}",
+        packing,
     )
     assert row["policy/updates"] == 4  # num_minibatches 4 of the recipe, one epoch
     for name in ("rollout/score", "objective/kl", "loss/total", "policy/grad_norm"):
         assert math.isfinite(row[name]), name
 
 
-def test_gpt2_recipe_runs_full_fine_tuning_with_a_classifier_reward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("packing", PACKING, ids=["padded", "packed"])
+def test_gpt2_recipe_runs_full_fine_tuning_with_a_classifier_reward(tmp_path, monkeypatch, packing):
     tokenizer = byte_bpe(["<|endoftext|>"], eos_token="<|endoftext|>")  # GPT-2: no pad token
     policy = save(
         transformers.GPT2LMHeadModel,
@@ -120,6 +129,7 @@ def test_gpt2_recipe_runs_full_fine_tuning_with_a_classifier_reward(tmp_path, mo
         f"--model.policy.name_or_path={policy}",
         f"--model.reward.init_args.name_or_path={reward}",
         "--data.batch_size=8",
+        packing,
     )
     assert row["policy/updates"] == 4
     for name in ("rollout/score", "objective/kl", "loss/total", "policy/grad_norm"):
