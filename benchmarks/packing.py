@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, model: PolicyValueModel, distribution: str) ->
     positions: dict[str, int] = {}
     counting: list[str] = []  # the variant whose decoder positions are being counted, if any
 
-    def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def count(module: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
         if counting:
             positions[counting[0]] = positions.get(counting[0], 0) + kwargs["input_ids"].numel()
 
@@ -143,9 +143,9 @@ def run(args: argparse.Namespace, model: PolicyValueModel, distribution: str) ->
 
     def scoring(packing: bool) -> None:
         with torch.no_grad():
-            args_ = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+            batch = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
             for mode in ("policy", "ref"):
-                forward_response(model, *args_, TEMPERATURE, mode=mode, packing=packing)
+                forward_response(model, *batch, TEMPERATURE, mode=mode, packing=packing)
 
     def update(packing: bool) -> None:
         ppo = PPOConfig(packing=packing)
