@@ -11,7 +11,7 @@ Prints one JSON line per response-length distribution. Both variants get the sam
 Timed per variant, in turn within every repeat (machine noise hits both alike): ``scoring`` = the rollout's policy
 and reference forwards over the whole batch (no gradient); ``update`` = one PPO epoch: ``loss.ppo_objective`` and
 its backward for each of ``--num-minibatches`` minibatches (no optimizer step, so every repeat sees the same
-weights). Also reported: the positions each variant ran through the decoder, against the real tokens.
+weights). Also reported: the positions each phase and variant ran through the decoders, against the real tokens.
 
 Run ``python benchmarks/packing.py --help`` for the options; ``benchmarks/README.md`` has measured numbers.
 """
@@ -156,9 +156,9 @@ def run(args: argparse.Namespace, model: PolicyValueModel, distribution: str) ->
     seconds: dict[str, list[float]] = {}
     with autocast:
         for variant, packing in (("padded", False), ("packed", True)):  # warm-up; counts the positions once
-            counting[:] = [variant]
-            scoring(packing)
-            update(packing)
+            for phase, fn in (("scoring", scoring), ("update", update)):
+                counting[:] = [f"{phase}_{variant}"]
+                fn(packing)
             counting.clear()
         for _ in range(args.repeats):
             for variant, packing in (("padded", False), ("packed", True)):
@@ -194,8 +194,8 @@ def run(args: argparse.Namespace, model: PolicyValueModel, distribution: str) ->
         "speedup": {
             phase: round(median[f"{phase}_padded"] / median[f"{phase}_packed"], 3) for phase in ("scoring", "update")
         },
-        # Per scoring + update pass: 3 forwards over the batch (policy, reference, update); real = 3 x real tokens.
-        "decoder_positions": positions | {"real_tokens": 3 * real},
+        # Per phase and variant; scoring is 2 forwards over the batch (policy, reference), the update epoch 1.
+        "decoder_positions": positions | {"real_tokens_scoring": 2 * real, "real_tokens_update": real},
     }
 
 

@@ -69,7 +69,9 @@ def test_packing_benchmark_packs_short_responses_into_fewer_positions():
     assert (full["config"]["lengths"], skewed["config"]["lengths"]) == ("full", "skewed")
     assert full["response_tokens_mean"] == 16 > skewed["response_tokens_mean"]
     # Rows of 20-24 positions: two never share a 24-wide row, so full-length responses leave nothing to pack.
-    assert full["decoder_positions"]["packed"] == full["decoder_positions"]["padded"]
-    positions = skewed["decoder_positions"]
-    assert positions["real_tokens"] <= positions["packed"] < 0.8 * positions["padded"]
+    for phase in ("scoring", "update"):
+        assert full["decoder_positions"][f"{phase}_packed"] == full["decoder_positions"][f"{phase}_padded"]
+        positions = skewed["decoder_positions"]
+        real = positions[f"real_tokens_{phase}"]
+        assert real <= positions[f"{phase}_packed"] < 0.8 * positions[f"{phase}_padded"]
     assert set(skewed["seconds_median"]) == {"scoring_padded", "scoring_packed", "update_padded", "update_packed"}
