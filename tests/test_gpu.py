@@ -17,14 +17,15 @@ from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_bf16_iteration_on_one_gpu(precision):
+def test_bf16_iteration_on_one_gpu(precision, packing):
     seed_everything(0, verbose=False)
     module = PPOModule(
         policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=64)),
         lora=LoraConfig(modules_to_save=["lm_head"]),
         generation=GenerationConfig(max_new_tokens=8),
-        ppo=PPOConfig(num_minibatches=2),
+        ppo=PPOConfig(num_minibatches=2, packing=packing),
         reward=CharFractionReward(),
     )
     trainer = Trainer(
