@@ -5,9 +5,10 @@
 #
 # STAGES: comma-separated, from tests (GPU tests), update (PPO iteration by phase, both designs), rollout (sampling
 # engines vs plain generate), more (larger batch, bf16 weights, trainer.fit cross-check), packing (ppo.packing
-# against padding, responses of 1-128 tokens), profile (profiler tables of one PPO epoch's update, LoRA and full);
-# "all" runs every stage. Stages that have not run on a GPU yet: more, packing, profile. With a 15-minute device
-# budget, run "tests,packing,more" as one command (about 10 minutes at most by the limits below).
+# against padding, responses of 1-128 tokens), compile (regional torch.compile of the update, paired with eager),
+# profile (profiler tables of one PPO epoch's update, LoRA and full); "all" runs every stage. Stages that have not run
+# on a GPU yet: more, packing, compile, profile. With a 15-minute device budget, run "tests,packing,compile" as one
+# command (about 10 minutes at most by the limits below), "more" in the next lease.
 # Each run's JSON line goes to OUT_DIR/<stage>.jsonl (default benchmarks/out), its log to OUT_DIR/<stage>.log. A run
 # that fails or overruns its time limit is logged and the next one starts.
 set -uo pipefail
@@ -68,6 +69,12 @@ if has packing; then
   # Scoring and one update epoch, packed vs padded, bf16 weights; responses uniform in 1..128 and full length.
   bench packing 200 benchmarks/packing.py --preset "$PRESET" --batch 64 --prompt-len 64 128 --max-new-tokens 128 \
     --lengths uniform full --repeats 3 --precision bf16-true
+fi
+
+if has compile; then
+  # Experiment: regional torch.compile of the decoder layers for the update (sampling stays eager), paired with eager.
+  bench compile 240 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1 --compile-update
+  bench compile 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1
 fi
 
 if has profile; then

@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -569,6 +569,29 @@ def ppo_update(
     return dict(seconds)
 
 
+_COMPILED: dict[int, nn.Module] = {}
+"""Compiled wrapper of each decoder layer (by id), built on first use so later iterations reuse its graphs."""
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module) -> Iterator[None]:
+    """Regional ``torch.compile``: every decoder layer of every backbone (the policy's, and the separate design's
+    critic) replaced by its compiled wrapper for the body, and put back afterwards (sampling stays eager)."""
+    decoders = [PolicyValueModel._causal_lm(model.lm).get_decoder()]
+    if isinstance(model, SeparatePolicyValue):
+        decoders.append(model.critic)
+    originals = [list(decoder.layers) for decoder in decoders]
+    try:
+        for decoder in decoders:
+            for i, layer in enumerate(decoder.layers):
+                decoder.layers[i] = _COMPILED.setdefault(id(layer), torch.compile(layer, dynamic=True))
+        yield
+    finally:
+        for decoder, layers in zip(decoders, originals, strict=True):
+            for i, layer in enumerate(layers):
+                decoder.layers[i] = layer
+
+
 def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str]) -> dict[str, Any]:
     module = BenchPPOModule(design=args.design, **make_module_kwargs(args))
     module.configure_model()
@@ -605,7 +628,8 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
             rollout, score_seconds = score_and_advantages(module, batch["prompts"], rollout, clock)
             seconds |= score_seconds
             update_started = clock()
-            update_seconds = ppo_update(module, rollout, optimizer, clock)
+            with compiled_layers(module.model) if args.compile_update else contextlib.nullcontext():
+                update_seconds = ppo_update(module, rollout, optimizer, clock)
             seconds["update"] = clock() - update_started
         marks.active = False
         tokens.append(token_counts(prompt_mask, rollout.response_ids.shape[1], marks))
@@ -622,6 +646,7 @@ def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str
         "generation": dataclasses.asdict(module.generation),
         "param_bytes": parameter_bytes(module.model),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "compiled_layers": len(_COMPILED),
     }
 
 
@@ -699,6 +724,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="generation.cast_weights_once false (bf16-mixed sampling casts the weights at every decode step)",
     )
+    ppo.add_argument(
+        "--compile-update",
+        action="store_true",
+        help="experiment (direct mode): torch.compile every decoder layer (regional, dynamic shapes) for the update; "
+        "sampling and scoring stay eager. The first iteration compiles: use --warmup >= 1",
+    )
     ppo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     ppo.add_argument("--num-minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
     run = parser.add_argument_group("run")
@@ -751,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
     if not 1 <= args.prompt_len[0] <= args.prompt_len[1]:
         parser.error("--prompt-len needs 1 <= MIN <= MAX")
+    if args.compile_update and (args.trainer or args.warmup < 1):
+        parser.error("--compile-update needs direct mode (no --trainer) and --warmup >= 1 (the compiling iteration)")
     return args
 
 
@@ -778,6 +811,8 @@ def summarize(
             "lora_r": "full" if args.full else args.lora_r,
             "engine": args.engine,
             "merge_lora": not args.no_merge_lora,
+            "compile_update": args.compile_update,
+            "compiled_layers": result.get("compiled_layers", 0),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

@@ -75,3 +75,15 @@ def test_packing_benchmark_packs_short_responses_into_fewer_positions():
         real = positions[f"real_tokens_{phase}"]
         assert real <= positions[f"{phase}_packed"] < 0.8 * positions[f"{phase}_padded"]
     assert set(skewed["seconds_median"]) == {"scoring_padded", "scoring_packed", "update_padded", "update_packed"}
+
+
+def test_ppo_iteration_compile_update_compiles_the_layers_for_the_update_only():
+    out = run_script(
+        "ppo_iteration.py",
+        *TINY_RUN,
+        *("--compile-update", "--iterations", "1", "--warmup", "1", "--ppo-epochs", "1", "--num-minibatches", "2"),
+    )
+    assert out["config"]["compile_update"] is True
+    assert out["config"]["compiled_layers"] == 2  # the tiny Qwen2's two decoder layers
+    assert out["seconds_median"]["update"] > 0
+    assert out["utilization"]["phases"]["update"]["gflop"] > 0
