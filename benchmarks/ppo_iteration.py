@@ -584,7 +584,9 @@ def compiled_layers(model: nn.Module) -> Iterator[None]:
     try:
         for decoder in decoders:
             for i, layer in enumerate(decoder.layers):
-                decoder.layers[i] = _COMPILED.setdefault(id(layer), torch.compile(layer, dynamic=True))
+                if id(layer) not in _COMPILED:
+                    _COMPILED[id(layer)] = torch.compile(layer, dynamic=True)
+                decoder.layers[i] = _COMPILED[id(layer)]
         yield
     finally:
         for decoder, layers in zip(decoders, originals, strict=True):
