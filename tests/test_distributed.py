@@ -135,13 +135,16 @@ def test_fsdp2_matches_ddp(runs):
         assert_same_weights(fsdp[0]["weights"], fsdp[1]["weights"])
 
 
-def test_fsdp2_with_packing_matches_fsdp2_padded(runs, tmp_path):
-    # The boundary check and the packed scoring and update forwards run on every rank of a sharded model.
+@pytest.mark.parametrize(("strategy", "padded_run"), [("fsdp2", "fsdp2"), ("ddp_rlhf", "ddp")])
+def test_packing_matches_the_padded_run_on_two_processes(runs, tmp_path, strategy, padded_run):
+    # The boundary check and the packed scoring and update forwards run on every rank (a sharded model under FSDP2).
     cfg = config(tmp_path / "packed", batch_size=2, max_steps=2)
     cfg["model"]["init_args"]["ppo"]["packing"] = True
-    packed = run_cli(tmp_path, "packed", cfg, *two_processes("fsdp2"))
+    packed = run_cli(tmp_path, "packed", cfg, *two_processes(strategy))
     for step in (1, 2):
-        assert_same_weights(dumps(packed, step)[0]["weights"], dumps(runs["fsdp2"], step)[0]["weights"])
+        ranks = dumps(packed, step)
+        assert len(ranks) == 2
+        assert_same_weights(ranks[0]["weights"], dumps(runs[padded_run], step)[0]["weights"])
 
 
 def test_fsdp2_resume_mid_epoch_continues_exactly(runs):
