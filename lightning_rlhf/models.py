@@ -40,6 +40,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rlhf.modes import eval_mode
 from lightning_rlhf.packing import pack_rows, unpack, verify_packing
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -229,15 +230,9 @@ def _check_logits_path(lm: nn.Module) -> None:
     text = lm.config.get_text_config()
     input_ids = torch.arange(4, device=lm.device).remainder(text.vocab_size)[None]  # (1, 4)
     attention_mask = torch.ones_like(input_ids)
-    modes = {m: m.training for m in lm.modules()}
-    lm.eval()
-    try:
-        with torch.no_grad():
-            theirs = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-            ours = PolicyValueModel._logits(lm, PolicyValueModel._hidden(lm, input_ids, attention_mask, None)).float()
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(lm), torch.no_grad():
+        theirs = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+        ours = PolicyValueModel._logits(lm, PolicyValueModel._hidden(lm, input_ids, attention_mask, None)).float()
     difference = (ours - theirs).abs().max().item()
     if difference > _LOGITS_CHECK_TOLERANCE.get(lm.dtype, 1e-4) * max(1.0, theirs.abs().max().item()):
         raise NotImplementedError(

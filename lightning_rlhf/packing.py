@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_rlhf.modes import eval_mode
+
 CONTEXT_LENGTH = 6
 """Tokens of the first sequence in :func:`verify_packing`'s probe row (the one a leaking model would attend to)."""
 PROBE_LENGTH = 3
@@ -158,18 +160,12 @@ def verify_packing(decoder: nn.Module) -> None:
     context_positions = torch.arange(CONTEXT_LENGTH, device=device)
     probe_positions = torch.arange(PROBE_LENGTH, device=device)
     ones = torch.ones_like(ids)
-    modes = {module: module.training for module in decoder.modules()}
-    decoder.eval()
-    try:
-        # In the weights' own dtype even inside an autocast region (bf16-mixed): the check is about the masks, and
-        # float32 rounding keeps its threshold tight.
-        with torch.autocast(device.type, enabled=False):
-            packed = _probe_hidden(decoder, ids, torch.cat([context_positions, probe_positions]), None)
-            leaked = _probe_hidden(decoder, ids, torch.arange(ids.shape[1], device=device), ones)
-            alone = _probe_hidden(decoder, ids[:, CONTEXT_LENGTH:], probe_positions, ones[:, CONTEXT_LENGTH:])
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    # In the weights' own dtype even inside an autocast region (bf16-mixed): the check is about the masks, and float32
+    # rounding keeps its threshold tight.
+    with eval_mode(decoder), torch.autocast(device.type, enabled=False):
+        packed = _probe_hidden(decoder, ids, torch.cat([context_positions, probe_positions]), None)
+        leaked = _probe_hidden(decoder, ids, torch.arange(ids.shape[1], device=device), ones)
+        alone = _probe_hidden(decoder, ids[:, CONTEXT_LENGTH:], probe_positions, ones[:, CONTEXT_LENGTH:])
     error = float((packed - alone).norm())
     leak = float((leaked - alone).norm())
     rounding = ROUNDING.get(decoder.get_input_embeddings().weight.dtype, 1e-2) * float(alone.norm())

@@ -39,6 +39,7 @@ from lightning_rlhf.generation import (
     merged_lora,
 )
 from lightning_rlhf.models import PolicyValueModel
+from lightning_rlhf.modes import eval_mode
 from lightning_rlhf.types import Rollout, length_order, padding_extent
 
 _NO_NEUTRAL_VALUE: tuple[str, ...] = (
@@ -334,9 +335,7 @@ def generate_rollout(
         raise ValueError("Prompts must be left-padded: prompt_mask[:, -1] must be True in every row.")
     _check_no_inherited_processors(model)
     stop_token_ids = list(dict.fromkeys([eos_token_id, *generation.stop_token_ids]))
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         return _generate_and_score(
             model,
             prompt_ids,
@@ -348,6 +347,3 @@ def generate_rollout(
             synced_gpus,
             packing,
         )
-    finally:
-        for module, training in modes.items():
-            module.training = training
