@@ -84,6 +84,9 @@ from lightning_rlhf.models import (
     PolicyValueModel,
     _attach_lora,
     build_policy,
+    causal_lm_of,
+    final_hidden,
+    lm_logits,
 )
 from lightning_rlhf.module import PPOModule
 from lightning_rlhf.rewards import CharFractionReward, validate_scores
@@ -114,8 +117,8 @@ class SeparatePolicyValue(nn.Module):
 
     ``mode="policy"`` runs the policy LM for the logits and the critic's own backbone for the values (two backbone
     forwards); ``mode="ref"`` runs the frozen reference copy; ``mode="generate"`` samples from the policy. Each backbone
-    forward reuses ``PolicyValueModel``'s decoder and ``lm_head`` helpers, so a role costs exactly what it costs in the
-    shared design and only the number of backbones differs.
+    forward reuses the package's decoder and ``lm_head`` helpers (``final_hidden``, ``lm_logits``), so a role costs
+    exactly what it costs in the shared design and only the number of backbones differs.
     """
 
     def __init__(self, lm: nn.Module, ref_lm: nn.Module, critic: nn.Module, value_head: nn.Linear) -> None:
@@ -152,13 +155,13 @@ class SeparatePolicyValue(nn.Module):
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         inputs = (input_ids, attention_mask, logits_slice, packing)
         if mode == "ref":
-            return PolicyValueModel._logits(self.ref_lm, PolicyValueModel._hidden(self.ref_lm, *inputs), logits_mask)
+            return lm_logits(self.ref_lm, final_hidden(self.ref_lm, *inputs), logits_mask)
         started = self.clock()
-        policy = PolicyValueModel._causal_lm(self.lm)
-        logits = PolicyValueModel._logits(policy, PolicyValueModel._hidden(policy, *inputs), logits_mask)
+        policy = causal_lm_of(self.lm)
+        logits = lm_logits(policy, final_hidden(policy, *inputs), logits_mask)
         middle = self.clock()
-        # LlamaModel.get_decoder() is the model itself, so _hidden runs the critic's decoder.
-        hidden = PolicyValueModel._hidden(self.critic, *inputs)
+        # LlamaModel.get_decoder() is the model itself, so final_hidden runs the critic's decoder.
+        hidden = final_hidden(self.critic, *inputs)
         values = self.value_head(hidden.float()).squeeze(-1)
         self.seconds["policy"] += middle - started
         self.seconds["critic"] += self.clock() - middle
@@ -198,7 +201,7 @@ def role_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
         reference = list(model.ref_lm.parameters())
     else:  # adapter disabled: the base weights only
         reference = [p for n, p in model.lm.named_parameters() if not any(m in n for m in ADAPTER_MARKERS)]
-    decoder = PolicyValueModel._causal_lm(model.lm).get_decoder()
+    decoder = causal_lm_of(model.lm).get_decoder()
     return {
         "policy": list(model.lm.parameters()),
         "reference": reference,
@@ -459,7 +462,7 @@ def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def unreachable_eos(model: nn.Module) -> int:
     """A token id the LM cannot sample (one past its logits' columns), so no response stops early."""
-    return PolicyValueModel._causal_lm(model.lm).get_output_embeddings().weight.shape[0]
+    return causal_lm_of(model.lm).get_output_embeddings().weight.shape[0]
 
 
 def precision_context(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
@@ -577,7 +580,7 @@ _COMPILED: dict[int, nn.Module] = {}
 def compiled_layers(model: nn.Module) -> Iterator[None]:
     """Regional ``torch.compile``: every decoder layer of every backbone (the policy's, and the separate design's
     critic) replaced by its compiled wrapper for the body, and put back afterwards (sampling stays eager)."""
-    decoders = [PolicyValueModel._causal_lm(model.lm).get_decoder()]
+    decoders = [causal_lm_of(model.lm).get_decoder()]
     if isinstance(model, SeparatePolicyValue):
         decoders.append(model.critic)
     originals = [list(decoder.layers) for decoder in decoders]

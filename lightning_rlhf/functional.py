@@ -491,6 +491,7 @@ def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tens
 
     ``logits[:, t]`` predicts ``input_ids[:, t + 1]``; a token counts when ``loss_mask`` is True at its own position,
     so prompt and padding tokens add neither loss nor gradient, whatever their logits (TRL ``completion_only_loss``).
+    The same as :func:`sft_token_loss` on the logits at the predicting positions.
 
     Args:
         logits: (B, L, V) unnormalized scores of the causal LM over the whole sequence, any float dtype.
@@ -504,14 +505,47 @@ def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tens
     _check_same_shape(input_ids=input_ids, loss_mask=loss_mask)
     if logits.shape[:-1] != input_ids.shape:
         raise ValueError(f"logits has shape {tuple(logits.shape)} but input_ids has {tuple(input_ids.shape)}.")
+    predicts = sft_predicting_positions(loss_mask)  # (B, L - 1): position t predicts trained token t + 1
+    return sft_token_loss(logits[:, :-1][predicts], input_ids[:, 1:][predicts])
+
+
+def sft_predicting_positions(loss_mask: Tensor) -> Tensor:
+    """(B, L - 1) bool: True at position t when token t + 1 is trained, i.e. where the SFT loss reads logits.
+
+    Args:
+        loss_mask: (B, L) bool, True for a trained token; position 0 must be False (nothing predicts it).
+    """
+    _check_mask(loss_mask, "loss_mask")
     if loss_mask[:, 0].any():
         raise ValueError("loss_mask[:, 0] must be False: the first token of a sequence has no prediction to train.")
-    targets, mask = input_ids[:, 1:], loss_mask[:, 1:]  # (B, L - 1): token t + 1, predicted at position t
-    logprobs = logprobs_from_logits(logits[:, :-1], targets)  # (B, L - 1) float32
-    loss = -masked_mean(logprobs, mask)
+    return loss_mask[:, 1:]
+
+
+def sft_token_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, SFTLossStats]:
+    """Mean negative log-likelihood of ``targets`` under ``logits`` already gathered at the N trained predictions.
+
+    With the logits of only these positions (``lm_head`` run on N rows instead of B x L), a large vocabulary costs
+    no memory or time for prompt and padding positions.
+
+    Args:
+        logits: (N, V) unnormalized scores, one row per trained token, any float dtype.
+        targets: (N,) long, the token each row must predict.
+    Returns:
+        (loss, stats): the scalar mean NLL in float32 (0 when N = 0) and an :class:`SFTLossStats`.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"Expected logits (N, V) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}."
+        )
+    count = max(targets.shape[0], 1)  # a shape, not a host read
+    logprobs = logprobs_from_logits(logits, targets)  # (N,) float32
+    loss = -logprobs.sum() / count
     with torch.no_grad():
-        hits = (logits[:, :-1].argmax(-1) == targets).float()
-        stats = SFTLossStats(token_accuracy=masked_mean(hits, mask), num_tokens=mask.sum())
+        hits = (logits.argmax(-1) == targets).float()
+        stats = SFTLossStats(
+            token_accuracy=hits.sum() / count,
+            num_tokens=torch.tensor(targets.shape[0], device=targets.device),
+        )
     return loss, stats
 
 

@@ -232,13 +232,13 @@ def _check_logits_path(lm: nn.Module) -> None:
     attention_mask = torch.ones_like(input_ids)
     with eval_mode(lm), torch.no_grad():
         theirs = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-        ours = PolicyValueModel._logits(lm, PolicyValueModel._hidden(lm, input_ids, attention_mask, None)).float()
+        ours = lm_logits(lm, final_hidden(lm, input_ids, attention_mask)).float()
     difference = (ours - theirs).abs().max().item()
     if difference > _LOGITS_CHECK_TOLERANCE.get(lm.dtype, 1e-4) * max(1.0, theirs.abs().max().item()):
         raise NotImplementedError(
             f"{type(lm).__name__} post-processes its logits after lm_head in a way PolicyValueModel does not "
             f"reproduce (max difference {difference:.3g}); choose another policy.name_or_path or extend "
-            "PolicyValueModel._logits."
+            "lm_logits."
         )
 
 
@@ -399,52 +399,67 @@ class PolicyValueModel(nn.Module):
         if generate_kwargs:
             raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
         if mode == "policy":
-            hidden = self._hidden(self._causal_lm(self.lm), input_ids, attention_mask, logits_slice, packing)
+            hidden = final_hidden(causal_lm_of(self.lm), input_ids, attention_mask, logits_slice, packing)
             # float32 unless the whole module was cast (precision bf16-true): the head reads the hidden state in its
             # own dtype, and the values leave in float32 for the PPO math either way.
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
-            return self._logits(self._causal_lm(self.lm), hidden, logits_mask), values
+            return lm_logits(causal_lm_of(self.lm), hidden, logits_mask), values
         if self.ref_lm is not None:
-            hidden = self._hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing)
-            return self._logits(self.ref_lm, hidden, logits_mask)
+            hidden = final_hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing)
+            return lm_logits(self.ref_lm, hidden, logits_mask)
         with adapter_disabled(self.lm):
-            base = self._causal_lm(self.lm)
-            hidden = self._hidden(base, input_ids, attention_mask, logits_slice, packing)
-            return self._logits(base, hidden, logits_mask)
+            base = causal_lm_of(self.lm)
+            hidden = final_hidden(base, input_ids, attention_mask, logits_slice, packing)
+            return lm_logits(base, hidden, logits_mask)
 
-    @staticmethod
-    def _causal_lm(lm: nn.Module) -> nn.Module:
-        return lm.get_base_model() if isinstance(lm, peft.PeftModel) else lm
 
-    @staticmethod
-    def _hidden(
-        causal_lm: nn.Module,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        logits_slice: tuple[int, int] | None,
-        packing: bool = False,
-    ) -> Tensor:
-        """(B, S, H) final hidden states (after the final norm) at the ``logits_slice`` positions."""
-        start, end = logits_slice or (0, input_ids.shape[1])
-        decoder = causal_lm.get_decoder()
-        if packing:
-            verify_packing(decoder)
-            packed = pack_rows(input_ids, attention_mask)
-            # No attention mask: transformers reads the sequence boundaries from the restarting position ids.
-            out = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
-            return unpack(out.last_hidden_state, packed.index[:, start:end])
-        # (B, L): positions count real tokens only, so a left-padded row sees the same positions as the row alone.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state[:, start:end]
+def causal_lm_of(lm: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside ``lm``: the base model of a ``peft.PeftModel`` (its LoRA layers are injected
+    there, so calling it runs the active adapter), else ``lm`` itself."""
+    return lm.get_base_model() if isinstance(lm, peft.PeftModel) else lm
 
-    @staticmethod
-    def _logits(causal_lm: nn.Module, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, S, V) logits of (B, S, H) hidden states, or (N, V) at the N positions where ``mask`` is True."""
-        if mask is not None:
-            hidden = hidden[mask]  # (N, H)
-        logits = causal_lm.get_output_embeddings()(hidden)  # (B, S, V) or (N, V)
-        cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
-        if cap is not None:  # Gemma 2 and later: cap * tanh(logits / cap)
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+
+def final_hidden(
+    causal_lm: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_slice: tuple[int, int] | None = None,
+    packing: bool = False,
+    option: str = "ppo.packing",
+) -> Tensor:
+    """(B, S, H) final hidden states (after the final norm) of a causal LM's decoder at the ``logits_slice`` positions.
+
+    Args:
+        causal_lm: a Hugging Face causal LM (see :func:`causal_lm_of`).
+        input_ids: (B, L) long token ids, left and right padding allowed.
+        attention_mask: (B, L) bool or int, True/1 for a real token.
+        logits_slice: ``(start, end)`` positions to return; None means all L.
+        packing: run the rows' real tokens packed into fewer rows (:mod:`lightning_rlhf.packing`); each row's real
+            tokens must be contiguous. Same results up to rounding.
+        option: the recipe field that turned packing on, named in the errors.
+    """
+    attention_mask = attention_mask.long()
+    start, end = logits_slice or (0, input_ids.shape[1])
+    decoder = causal_lm.get_decoder()
+    if packing:
+        verify_packing(decoder, option)
+        packed = pack_rows(input_ids, attention_mask, option=option)
+        # No attention mask: transformers reads the sequence boundaries from the restarting position ids.
+        out = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+        return unpack(out.last_hidden_state, packed.index[:, start:end])
+    # (B, L): positions count real tokens only, so a left-padded row sees the same positions as the row alone.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state[:, start:end]
+
+
+def lm_logits(causal_lm: nn.Module, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, S, V) logits of (B, S, H) final hidden states, or (N, V) at the N positions where ``mask`` is True
+    (row-major order; ``lm_head`` never runs elsewhere)."""
+    if mask is not None:
+        hidden = hidden[mask]  # (N, H)
+    logits = causal_lm.get_output_embeddings()(hidden)  # (B, S, V) or (N, V)
+    cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is not None:  # Gemma 2 and later: cap * tanh(logits / cap)
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -79,13 +79,16 @@ def first_fit_decreasing(lengths: list[int], width: int) -> list[tuple[int, int]
     return place
 
 
-def pack_rows(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int = 0) -> PackedRows:
+def pack_rows(
+    input_ids: Tensor, attention_mask: Tensor, pad_token_id: int = 0, option: str = "ppo.packing"
+) -> PackedRows:
     """Pack each row's run of real tokens (see the module docstring).
 
     Args:
         input_ids: (B, L) long.
         attention_mask: (B, L) bool or int, True/1 for a real token; each row's real tokens must be contiguous.
         pad_token_id: the id written into unused slots (any id the model accepts).
+        option: the recipe field that turned packing on, named in the error.
     Returns:
         A :class:`PackedRows` with ``W`` = the longest run and ``R`` <= B rows.
     """
@@ -101,7 +104,7 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int = 0) 
         rows = [b for b, ok in enumerate(host_contiguous) if not ok]
         raise ValueError(
             f"Packing needs each row's real tokens to be contiguous (left-padded prompt + right-padded response); "
-            f"rows {rows} have padding between real tokens. Set ppo.packing: false for such inputs."
+            f"rows {rows} have padding between real tokens. Set {option}: false for such inputs."
         )
     width = max(max(host_lengths), 1)
     place = first_fit_decreasing(host_lengths, width)
@@ -140,7 +143,7 @@ def unpack(packed: Tensor, index: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def verify_packing(decoder: nn.Module) -> None:
+def verify_packing(decoder: nn.Module, option: str = "ppo.packing") -> None:
     """Check once per decoder that a packed forward keeps sequences apart; raise ``ValueError`` if it does not.
 
     A probe row packs a context sequence ``a`` and a sequence ``b``. ``b``'s hidden states must match ``b`` run alone,
@@ -151,6 +154,7 @@ def verify_packing(decoder: nn.Module) -> None:
     Args:
         decoder: the causal LM's decoder (``get_decoder()``), called with ``input_ids``, ``position_ids`` and
             ``attention_mask`` as ``transformers`` decoders are.
+        option: the recipe field that turned packing on, named in the error.
     """
     if decoder in _verified:
         return
@@ -171,10 +175,10 @@ def verify_packing(decoder: nn.Module) -> None:
     rounding = ROUNDING.get(decoder.get_input_embeddings().weight.dtype, 1e-2) * float(alone.norm())
     if error > max(LEAK_FRACTION * leak, rounding):
         raise ValueError(
-            f"ppo.packing: {type(decoder).__name__} does not keep packed sequences apart (a packed sequence's hidden "
+            f"{option}: {type(decoder).__name__} does not keep packed sequences apart (a packed sequence's hidden "
             f"states differ from the sequence run alone by {error:.3g}; reading it after the previous sequence "
             f"differs by {leak:.3g}). Its attention or recurrent state crosses sequence boundaries, or it ignores "
-            f"position_ids. Set ppo.packing: false."
+            f"position_ids. Set {option}: false."
         )
     _verified.add(decoder)
 

@@ -8,7 +8,8 @@ import torch
 import transformers
 from lightning import Trainer
 
-from lightning_rlhf.functional import sft_loss
+from lightning_rlhf import packing
+from lightning_rlhf.functional import sft_loss, sft_token_loss
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
 from lightning_rlhf.pipeline_data import SFTDataModule
 from lightning_rlhf.sft import SFTModule
@@ -74,6 +75,23 @@ def test_sft_loss_ignores_prompt_and_padding_positions():
     torch.testing.assert_close(sft_loss(changed, changed_ids, loss_mask)[0], loss.detach())
 
 
+def test_sft_token_loss_by_hand():
+    # Rows predict token 1 with logits [0, ln 3] (p = 3/4, NLL ln(4/3) = 0.287682, argmax hits) and [ln 3, 0]
+    # (p = 1/4, NLL ln 4 = 1.386294, argmax misses): mean NLL 0.836988, accuracy 1/2.
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[0.0, ln3], [ln3, 0.0]], requires_grad=True)
+    loss, stats = sft_token_loss(logits, torch.tensor([1, 1]))
+    torch.testing.assert_close(loss, torch.tensor(0.836988))
+    torch.testing.assert_close(stats.token_accuracy, torch.tensor(0.5))
+    assert stats.num_tokens.item() == 2
+    loss.backward()  # d NLL / d logits = (softmax - onehot) / N
+    torch.testing.assert_close(logits.grad, torch.tensor([[0.125, -0.125], [0.375, -0.375]]))
+    empty, empty_stats = sft_token_loss(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+    assert empty.item() == 0
+    assert empty_stats.num_tokens.item() == 0
+    assert empty_stats.token_accuracy.item() == 0
+
+
 def test_sft_loss_refuses_a_trained_first_token():
     with pytest.raises(ValueError, match=r"loss_mask\[:, 0\] must be False"):
         sft_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.tensor([[True, True]]))
@@ -94,6 +112,66 @@ def test_module_loss_is_the_response_only_nll_of_its_logits():
     torch.testing.assert_close(loss, -token_logprobs[response].mean())
     # The check above can fail: counting the prompt tokens gives another value.
     assert not torch.isclose(loss, -token_logprobs[batch["attention_mask"][:, 1:]].mean())
+
+
+def batch_of_different_lengths(module):
+    rows = [
+        {"prompt": "topic: cat\n", "response": "a jolly cat sat on the mat all day"},
+        {"prompt": "topic: ox\n", "response": "ox"},
+        {"prompt": "t: owl\n", "response": "owls"},
+        {"prompt": "topic: a bee\n", "response": "it hums"},
+    ]
+    data = SFTDataModule(examples=rows, batch_size=4, tokenizer=module.tokenizer, shuffle=False)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def decoder_rows(module, batch):
+    """Rows in the loss forward (B padded, fewer packed), the loss, its stats and the gradients for ``batch``."""
+    rows = []
+    decoder = module.lm.get_base_model().get_decoder() if module.lora_config.enabled else module.lm.get_decoder()
+    handle = decoder.register_forward_hook(
+        lambda mod, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    module.zero_grad()
+    loss, stats = module.loss(batch)
+    loss.backward()
+    handle.remove()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return rows[-1], loss.detach(), stats, grads  # before it, the packing probe's one-row forwards
+
+
+@pytest.mark.parametrize("lora_enabled", [False, True], ids=["full", "lora"])
+def test_packed_loss_and_gradient_equal_the_padded_ones(lora_enabled):
+    torch.manual_seed(0)
+    module = tiny_sft(lora_enabled=lora_enabled)
+    module.configure_model()
+    if lora_enabled:  # a trained-looking adapter, so its gradient path is not trivially zero
+        with torch.no_grad():
+            for name, param in module.lm.named_parameters():
+                if "lora_B" in name:
+                    param.add_(0.05 * torch.randn_like(param))
+    batch = batch_of_different_lengths(module)
+    padded_rows, padded_loss, padded_stats, padded_grads = decoder_rows(module, batch)
+    module.packing = True
+    packed_rows, packed_loss, packed_stats, packed_grads = decoder_rows(module, batch)
+    assert padded_rows == 4
+    assert packed_rows == 2
+    torch.testing.assert_close(packed_loss, padded_loss)
+    torch.testing.assert_close(packed_stats.token_accuracy, padded_stats.token_accuracy)
+    assert packed_grads.keys() == padded_grads.keys()
+    assert len(packed_grads) > 0
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, msg=name)
+
+
+def test_packing_refuses_a_model_whose_attention_crosses_sequences_naming_the_field(monkeypatch):
+    module = tiny_sft(packing=True)
+    module.configure_model()
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match=r"model\.packing: .*LlamaModel.*Set model\.packing: false"):
+        module.loss(batch_of_different_lengths(module))
+    assert module.lm.get_decoder() not in packing._verified
 
 
 def test_fit_learns_the_response_after_unlearnable_prompts():
