@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.loss import ppo_objective
-from lightning_rlhf.models import LoraConfig, PolicyValueModel, build_policy, causal_lm_of, load_tokenizer
+from lightning_rlhf.models import LoraConfig, PolicyValueModel, build_policy, load_tokenizer, unwrap_peft
 from lightning_rlhf.packing import verify_packing
 from lightning_rlhf.rollout import forward_response
 from lightning_rlhf.types import Rollout
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, model: PolicyValueModel, distribution: str) ->
             positions[counting[0]] = positions.get(counting[0], 0) + kwargs["input_ids"].numel()
 
     hooks = []
-    for lm in (causal_lm_of(model.lm), model.ref_lm):  # full fine-tuning: the reference is a copy
+    for lm in (unwrap_peft(model.lm), model.ref_lm):  # full fine-tuning: the reference is a copy
         if lm is not None:
             verify_packing(lm.get_decoder())  # once, before the positions are counted
             hooks.append(lm.get_decoder().register_forward_pre_hook(count, with_kwargs=True))

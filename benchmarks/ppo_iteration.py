@@ -84,9 +84,9 @@ from lightning_rlhf.models import (
     PolicyValueModel,
     _attach_lora,
     build_policy,
-    causal_lm_of,
     final_hidden,
     lm_logits,
+    unwrap_peft,
 )
 from lightning_rlhf.module import PPOModule
 from lightning_rlhf.rewards import CharFractionReward, validate_scores
@@ -157,7 +157,7 @@ class SeparatePolicyValue(nn.Module):
         if mode == "ref":
             return lm_logits(self.ref_lm, final_hidden(self.ref_lm, *inputs), logits_mask)
         started = self.clock()
-        policy = causal_lm_of(self.lm)
+        policy = unwrap_peft(self.lm)
         logits = lm_logits(policy, final_hidden(policy, *inputs), logits_mask)
         middle = self.clock()
         # LlamaModel.get_decoder() is the model itself, so final_hidden runs the critic's decoder.
@@ -201,7 +201,7 @@ def role_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
         reference = list(model.ref_lm.parameters())
     else:  # adapter disabled: the base weights only
         reference = [p for n, p in model.lm.named_parameters() if not any(m in n for m in ADAPTER_MARKERS)]
-    decoder = causal_lm_of(model.lm).get_decoder()
+    decoder = unwrap_peft(model.lm).get_decoder()
     return {
         "policy": list(model.lm.parameters()),
         "reference": reference,
@@ -462,7 +462,7 @@ def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def unreachable_eos(model: nn.Module) -> int:
     """A token id the LM cannot sample (one past its logits' columns), so no response stops early."""
-    return causal_lm_of(model.lm).get_output_embeddings().weight.shape[0]
+    return unwrap_peft(model.lm).get_output_embeddings().weight.shape[0]
 
 
 def precision_context(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
@@ -580,7 +580,7 @@ _COMPILED: dict[int, nn.Module] = {}
 def compiled_layers(model: nn.Module) -> Iterator[None]:
     """Regional ``torch.compile``: every decoder layer of every backbone (the policy's, and the separate design's
     critic) replaced by its compiled wrapper for the body, and put back afterwards (sampling stays eager)."""
-    decoders = [causal_lm_of(model.lm).get_decoder()]
+    decoders = [unwrap_peft(model.lm).get_decoder()]
     if isinstance(model, SeparatePolicyValue):
         decoders.append(model.critic)
     originals = [list(decoder.layers) for decoder in decoders]

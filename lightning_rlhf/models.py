@@ -399,24 +399,24 @@ class PolicyValueModel(nn.Module):
         if generate_kwargs:
             raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
         if mode == "policy":
-            hidden = final_hidden(causal_lm_of(self.lm), input_ids, attention_mask, logits_slice, packing)
+            hidden = final_hidden(unwrap_peft(self.lm), input_ids, attention_mask, logits_slice, packing)
             # float32 unless the whole module was cast (precision bf16-true): the head reads the hidden state in its
             # own dtype, and the values leave in float32 for the PPO math either way.
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
-            return lm_logits(causal_lm_of(self.lm), hidden, logits_mask), values
+            return lm_logits(unwrap_peft(self.lm), hidden, logits_mask), values
         if self.ref_lm is not None:
             hidden = final_hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing)
             return lm_logits(self.ref_lm, hidden, logits_mask)
         with adapter_disabled(self.lm):
-            base = causal_lm_of(self.lm)
+            base = unwrap_peft(self.lm)
             hidden = final_hidden(base, input_ids, attention_mask, logits_slice, packing)
             return lm_logits(base, hidden, logits_mask)
 
 
-def causal_lm_of(lm: nn.Module) -> nn.Module:
-    """The Hugging Face causal LM inside ``lm``: the base model of a ``peft.PeftModel`` (its LoRA layers are injected
-    there, so calling it runs the active adapter), else ``lm`` itself."""
-    return lm.get_base_model() if isinstance(lm, peft.PeftModel) else lm
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside ``model``: the base model of a ``peft.PeftModel`` (its LoRA layers are injected
+    there, so calling it runs the active adapter), else ``model`` itself."""
+    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
 
 
 def final_hidden(
@@ -430,7 +430,8 @@ def final_hidden(
     """(B, S, H) final hidden states (after the final norm) of a causal LM's decoder at the ``logits_slice`` positions.
 
     Args:
-        causal_lm: a Hugging Face causal LM (see :func:`causal_lm_of`).
+        causal_lm: a Hugging Face model with ``get_decoder()`` (see :func:`unwrap_peft`): a causal LM, or a sequence
+            classifier built on a decoder.
         input_ids: (B, L) long token ids, left and right padding allowed.
         attention_mask: (B, L) bool or int, True/1 for a real token.
         logits_slice: ``(start, end)`` positions to return; None means all L.

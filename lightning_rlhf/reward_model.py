@@ -7,6 +7,9 @@ may name a sequence-classification checkpoint, or a causal LM (for instance the 
 backbone then gets a new scalar head ("a causal LM with a scalar head", as in InstructGPT, where the reward model
 starts from the SFT model). ``None`` builds a tiny random Llama with a scalar head.
 
+Speed: with ``packing: true`` each batch's sequences (both halves of every pair) run packed into fewer rows
+(:mod:`lightning_rlhf.packing`): no compute on padding, scores equal to the padded forward's up to rounding.
+
 Metrics (torchmetrics, per step in training and over the whole set in validation): ``train/loss``,
 ``train/accuracy`` (share of pairs with r_chosen > r_rejected; a tie counts as wrong), ``train/margin`` (mean
 r_chosen - r_rejected), and the same under ``val/``.
@@ -36,7 +39,15 @@ from torchmetrics import MeanMetric
 
 from lightning_rlhf import functional as F
 from lightning_rlhf.config import as_config
-from lightning_rlhf.models import BYTE_TOKENIZER, LoraConfig, TinyModelConfig, _check_dtype, build_tiny
+from lightning_rlhf.models import (
+    BYTE_TOKENIZER,
+    LoraConfig,
+    TinyModelConfig,
+    _check_dtype,
+    build_tiny,
+    final_hidden,
+    unwrap_peft,
+)
 
 METRICS = ("loss", "accuracy", "margin")
 """Logged under ``train/`` and ``val/``."""
@@ -143,6 +154,34 @@ def build_reward_model(cfg: RewardModelConfig, lora: LoraConfig, tokenizer: Any)
     return peft.get_peft_model(model, config)
 
 
+def packed_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, option: str) -> Tensor:
+    """(N,) float32 scores (label 0) of a decoder-based sequence classifier, its rows run packed.
+
+    Equal, up to rounding, to ``model(input_ids, attention_mask).logits[:, 0]``: the decoder runs on packed rows
+    (:func:`lightning_rlhf.models.final_hidden`) and the ``score`` head reads each row's hidden state where the
+    Hugging Face head pools, the rightmost token that is not ``pad_token_id``.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` (or a ``peft.PeftModel`` around one) with a ``score`` head.
+        input_ids: (N, L) long, right-padded with ``config.pad_token_id``.
+        attention_mask: (N, L) bool or int, True/1 for a real token; each row's real tokens contiguous.
+        option: the recipe field that turned packing on, named in the errors.
+    Raises:
+        ValueError: the model has no ``score`` head, or lets packed sequences attend to each other.
+    """
+    classifier = unwrap_peft(model)
+    head = getattr(classifier, "score", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(
+            f"{option}: {type(classifier).__name__} has no `score` head to read packed hidden states with; set "
+            f"{option}: false."
+        )
+    hidden = final_hidden(classifier, input_ids, attention_mask, packing=True, option=option)  # (N, L, H)
+    not_padding = input_ids != classifier.config.get_text_config().pad_token_id  # (N, L)
+    last = (torch.arange(input_ids.shape[1], device=input_ids.device) * not_padding).argmax(-1)  # (N,) as HF pools
+    return head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])[:, 0].float()
+
+
 class RewardModelModule(LightningModule):
     """A scalar reward model trained with the Bradley-Terry pairwise loss; saves an HF directory PPO's scorer loads.
 
@@ -153,6 +192,8 @@ class RewardModelModule(LightningModule):
         output_dir: where ``fit`` writes the model and tokenizer at its end (rank 0); None writes nothing. It is
             PPO's ``RewardModelScorer(name_or_path=...)``.
         save_adapter: with LoRA, also write the adapter alone to ``output_dir/adapter``.
+        packing: score each batch's sequences packed into fewer rows (:func:`packed_scores`); pays when sequences
+            differ in length. The model is checked to keep packed sequences apart before its first packed forward.
         optimizer: builds the optimizer from the trainable parameters (LightningCLI ``OptimizerCallable``).
         lr_scheduler: builds an LR scheduler from the optimizer; it steps every optimizer step.
     """
@@ -163,6 +204,7 @@ class RewardModelModule(LightningModule):
         lora: LoraConfig | None = None,
         output_dir: str | None = None,
         save_adapter: bool = True,
+        packing: bool = False,
         optimizer: OptimizerCallable = default_rm_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -175,10 +217,12 @@ class RewardModelModule(LightningModule):
                 "lora": dataclasses.asdict(self.lora_config),
                 "output_dir": output_dir,
                 "save_adapter": save_adapter,
+                "packing": packing,
             }
         )
         self.output_dir = output_dir
         self.save_adapter = save_adapter
+        self.packing = packing
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.tokenizer = load_rm_tokenizer(self.reward_model_config)
@@ -205,6 +249,8 @@ class RewardModelModule(LightningModule):
         """(N,) float32 scores of right-padded sequences ``input_ids`` (N, L) with bool ``attention_mask``."""
         if self.model is None:
             raise RuntimeError("RewardModelModule has no model yet; call configure_model() (trainer.fit does).")
+        if self.packing:
+            return packed_scores(self.model, input_ids, attention_mask, "model.packing")
         return self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits[:, 0].float()
 
     def pair_scores(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -45,10 +45,10 @@ from lightning_rlhf.models import (
     _enable_checkpointing,
     _pretrained,
     _tiny_llama,
-    causal_lm_of,
     final_hidden,
     lm_logits,
     load_tokenizer,
+    unwrap_peft,
 )
 from lightning_rlhf.types import SFTLossStats
 
@@ -148,7 +148,7 @@ class SFTModule(LightningModule):
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, SFTLossStats]:
         """The SFT loss of a batch (:func:`lightning_rlhf.functional.sft_token_loss`), with logits computed only at
         the positions that predict a trained token, and the rows packed when ``packing`` is on."""
-        lm = causal_lm_of(self._lm())
+        lm = unwrap_peft(self._lm())
         input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
         predicts = F.sft_predicting_positions(loss_mask)  # (B, L - 1): position t predicts trained token t + 1
         hidden = final_hidden(

@@ -77,14 +77,18 @@ def test_packing_benchmark_packs_short_responses_into_fewer_positions():
     assert set(skewed["seconds_median"]) == {"scoring_padded", "scoring_packed", "update_padded", "update_packed"}
 
 
-def test_sft_benchmark_gets_one_loss_from_every_variant_and_packs_short_examples():
-    args = ("--preset", "qwen2-tiny", "--batch", "8", "--prompt-len", "4", "8", "--max-response", "16")
-    full, skewed = run_script_lines("sft.py", *args, "--lengths", "full", "skewed", "--repeats", "1")
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_stages_benchmark_gets_one_loss_from_every_variant_and_packs_short_examples(stage):
+    args = ("--stage", stage, "--preset", "qwen2-tiny", "--batch", "8", "--prompt-len", "4", "8")
+    full, skewed = run_script_lines(
+        "stages.py", *args, "--max-response", "16", "--lengths", "full", "skewed", "--repeats", "1"
+    )
     for out in (full, skewed):
         losses = list(out["loss"].values())
-        assert len(losses) == 3
+        assert len(losses) == {"sft": 3, "rm": 2}[stage]
         assert max(losses) - min(losses) < 1e-4 * losses[0]
-        assert out["logits_elements"]["trained"] < out["logits_elements"]["all_logits"]  # prompts predict nothing
+        if stage == "sft":
+            assert out["logits_elements"]["trained"] < out["logits_elements"]["all_logits"]  # prompts predict nothing
     assert full["packed_positions"] == full["padded_positions"]  # 20-24 wide rows: no two share one
     assert skewed["real_tokens"] <= skewed["packed_positions"] < skewed["padded_positions"]
 

@@ -5,10 +5,11 @@ import torch
 import transformers
 from lightning import Trainer
 
+from lightning_rlhf import packing
 from lightning_rlhf.functional import bradley_terry_loss
 from lightning_rlhf.models import LoraConfig, TinyModelConfig
 from lightning_rlhf.pipeline_data import PreferenceDataModule
-from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule
+from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule, packed_scores
 from lightning_rlhf.rewards import RewardModelScorer
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -97,6 +98,80 @@ def test_score_is_independent_of_padding():
         alone = module(batch["rejected_ids"][:1, :n], batch["rejected_mask"][:1, :n])
     torch.testing.assert_close(rejected[:1], alone)
     assert module.model.config.pad_token_id == tok.pad_token_id
+
+
+PAIRS_OF_DIFFERENT_LENGTHS = [
+    {"prompt": "topic: cat\n", "chosen": "a jolly merry cat sat on the mat", "rejected": "bleak cat"},
+    {"prompt": "topic: ox\n", "chosen": "sunny ox", "rejected": "ox"},
+    {"prompt": "t: owl\n", "chosen": "warm owl", "rejected": "a cold and gloomy old owl in the rain"},
+]
+
+
+def rm_batch(module):
+    data = PreferenceDataModule(pairs=PAIRS_OF_DIFFERENT_LENGTHS, batch_size=3, tokenizer=module.tokenizer)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def loss_rows_and_gradients(module, batch):
+    """Rows in the scoring forward (2B padded, fewer packed), the scores and the Bradley-Terry loss's gradients."""
+    rows = []
+    embeddings = packing_decoder(module).get_input_embeddings()  # the decoder's input, however it is called
+    handle = embeddings.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    module.zero_grad()
+    chosen, rejected = module.pair_scores(batch)
+    bradley_terry_loss(chosen, rejected)[0].backward()
+    handle.remove()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return rows[-1], torch.cat([chosen, rejected]).detach(), grads  # rows[-1]: after the packing probe's forwards
+
+
+def packing_decoder(module):
+    model = module.model.get_base_model() if module.lora_config.enabled else module.model
+    return model.get_decoder()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "llama-lora", "gpt2"])
+def test_packed_scores_and_gradients_equal_the_padded_ones(architecture, tmp_path):
+    torch.manual_seed(0)
+    config = RewardModelConfig(tiny=TINY)
+    if architecture == "gpt2":  # another pooling implementation (GPT2ForSequenceClassification's own forward)
+        gpt2 = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=384, num_labels=1)
+        transformers.AutoModelForSequenceClassification.from_config(gpt2).save_pretrained(tmp_path)
+        config = RewardModelConfig(name_or_path=str(tmp_path), tokenizer="byte")
+    lora = LoraConfig(enabled=architecture == "llama-lora")
+    module = RewardModelModule(reward_model=config, lora=lora)
+    module.configure_model()
+    if lora.enabled:  # a trained-looking adapter, so its gradient path is not trivially zero
+        with torch.no_grad():
+            for name, param in module.model.named_parameters():
+                if "lora_B" in name:
+                    param.add_(0.05 * torch.randn_like(param))
+    batch = rm_batch(module)
+    padded_rows, padded_scores, padded_grads = loss_rows_and_gradients(module, batch)
+    module.packing = True
+    packed_rows, packed_scores_, packed_grads = loss_rows_and_gradients(module, batch)
+    assert padded_rows == 6
+    assert packed_rows == 4  # the longest chosen and rejected rows alone, the four short ones in pairs
+    torch.testing.assert_close(packed_scores_, padded_scores)
+    assert packed_grads.keys() == padded_grads.keys()
+    assert len(packed_grads) > 0
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, msg=name)
+
+
+def test_packing_names_the_field_for_a_model_it_cannot_pack(monkeypatch):
+    module = tiny_rm()
+    module.packing = True
+    module.configure_model()
+    batch = rm_batch(module)
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match=r"model\.packing: .*LlamaModel.*Set model\.packing: false"):
+        module.pair_scores(batch)
+    assert packing_decoder(module) not in packing._verified
+    del module.model.score  # a classifier whose head has another name
+    with pytest.raises(ValueError, match=r"model\.packing: LlamaForSequenceClassification has no `score` head"):
+        packed_scores(module.model, batch["chosen_ids"], batch["chosen_mask"], "model.packing")
 
 
 def test_short_fit_beats_chance_on_an_easy_preference():

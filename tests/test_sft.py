@@ -174,6 +174,24 @@ def test_packing_refuses_a_model_whose_attention_crosses_sequences_naming_the_fi
     assert module.lm.get_decoder() not in packing._verified
 
 
+def test_packed_fit_trains_the_same_weights_as_the_padded_fit():
+    rows = [{"prompt": "topic: " + "ab" * k, "response": "xyz"[: 1 + k % 3] * (1 + k)} for k in range(8)]
+    runs = []
+    for packed in (False, True):
+        torch.manual_seed(0)
+        module = tiny_sft(lr=1e-2, packing=packed)
+        module.configure_model()
+        initial = {name: p.detach().clone() for name, p in module.lm.named_parameters()}
+        trainer(max_steps=3).fit(module, SFTDataModule(examples=rows, batch_size=4, seed=0))
+        runs.append((module, initial))
+    (padded, initial), (packed, _) = runs
+    assert packed.hparams.packing is True
+    final = dict(padded.lm.named_parameters())
+    assert not torch.equal(final["lm_head.weight"], initial["lm_head.weight"])  # 3 steps moved the weights
+    for name, param in packed.lm.named_parameters():
+        torch.testing.assert_close(param, final[name], msg=name)
+
+
 def test_fit_learns_the_response_after_unlearnable_prompts():
     # Prompts are random bytes (nothing to learn); the response is always "ok". A response-only loss falls towards 0
     # within a few dozen steps; a loss over prompt tokens too could not go below ~ln(26) per prompt token.
