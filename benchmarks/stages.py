@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 import torch
+from packing import DISTRIBUTIONS, response_lengths
 from presets import add_model_arguments, policy_config, save_random_model
 from torch import Tensor
 
@@ -46,7 +47,6 @@ from lightning_rlhf.pipeline_data import PreferenceCollator, SFTCollator
 from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule
 from lightning_rlhf.sft import SFTModule
 
-DISTRIBUTIONS: tuple[str, ...] = ("full", "uniform", "skewed")
 VARIANTS: dict[str, tuple[str, ...]] = {"sft": ("all_logits", "trained_logits", "packed"), "rm": ("padded", "packed")}
 FIRST_ID = 3
 """Random token ids start here, so no sequence holds a special token (ByT5: 0 pad, 1 EOS, 2 unknown)."""
@@ -68,14 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def response_lengths(distribution: str, count: int, longest: int, rng: random.Random) -> list[int]:
-    if distribution == "full":
-        return [longest] * count
-    if distribution == "uniform":
-        return [rng.randint(1, longest) for _ in range(count)]
-    return [min(longest, 1 + int(rng.expovariate(4 / longest))) for _ in range(count)]
 
 
 def make_batch(args: argparse.Namespace, distribution: str, vocab: int, rng: random.Random) -> dict[str, Tensor]:
