@@ -194,7 +194,7 @@ def build_tiny(
 
 
 def _tiny_llama(cfg: PolicyConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> nn.Module:
-    with _naming_attn_implementation(cfg):
+    with _naming_attn_implementation(cfg.attn_implementation, "policy.attn_implementation"):
         return build_tiny(transformers.AutoModelForCausalLM, cfg.tiny, tokenizer, dtype, cfg.attn_implementation)
 
 
@@ -202,7 +202,7 @@ def _pretrained(cfg: PolicyConfig, dtype: torch.dtype) -> nn.Module:
     name = cfg.name_or_path
     _check_local_path(name, "policy.name_or_path")
     try:
-        with _naming_attn_implementation(cfg):
+        with _naming_attn_implementation(cfg.attn_implementation, "policy.attn_implementation"):
             return transformers.AutoModelForCausalLM.from_pretrained(
                 name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
             )
@@ -211,16 +211,16 @@ def _pretrained(cfg: PolicyConfig, dtype: torch.dtype) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _naming_attn_implementation(cfg: PolicyConfig) -> Iterator[None]:
-    """Re-raise transformers' refusal of an attention implementation as an error that names the field."""
+def _naming_attn_implementation(attn_implementation: str | None, option: str) -> Iterator[None]:
+    """Re-raise transformers' refusal of an attention implementation as an error that names the field ``option``."""
     try:
         yield
     except (ValueError, ImportError) as err:
         about_attention = "attn_implementation" in str(err) or "Attention" in str(err)
-        if cfg.attn_implementation is None or not about_attention:
+        if attn_implementation is None or not about_attention:
             raise
         raise ValueError(
-            f"policy.attn_implementation={cfg.attn_implementation!r} cannot be used: {err} Choose another "
+            f"{option}={attn_implementation!r} cannot be used: {err} Choose another "
             f"(null keeps transformers' default, sdpa)."
         ) from err
 

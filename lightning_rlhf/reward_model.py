@@ -44,6 +44,8 @@ from lightning_rlhf.models import (
     LoraConfig,
     TinyModelConfig,
     _check_dtype,
+    _enable_checkpointing,
+    _naming_attn_implementation,
     build_tiny,
     final_hidden,
     unwrap_peft,
@@ -69,6 +71,12 @@ class RewardModelConfig:
     """Allow model and tokenizer code from the checkpoint's repository to run."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     """Shape of the tiny random model; used only when ``name_or_path`` is None."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (non-reentrant checkpointing) to save memory."""
+    attn_implementation: str | None = None
+    """Attention kernel, passed to ``transformers``: None keeps its default (``"sdpa"``); ``"eager"``, ``"sdpa"``,
+    ``"flex_attention"``, or ``"flash_attention_2"`` (needs the ``flash-attn`` package and a GPU; it runs packed rows,
+    ``packing``, with variable-length kernels instead of a block mask)."""
 
 
 def default_rm_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -100,8 +108,19 @@ def load_rm_tokenizer(cfg: RewardModelConfig) -> Any:
     return tokenizer
 
 
-def _tiny_reward_model(tiny: TinyModelConfig, tokenizer: Any, dtype: torch.dtype) -> nn.Module:
-    return build_tiny(transformers.AutoModelForSequenceClassification, tiny, tokenizer, dtype, num_labels=1)
+ATTN_OPTION = "reward_model.attn_implementation"
+
+
+def _tiny_reward_model(cfg: RewardModelConfig, tokenizer: Any, dtype: torch.dtype) -> nn.Module:
+    with _naming_attn_implementation(cfg.attn_implementation, ATTN_OPTION):
+        return build_tiny(
+            transformers.AutoModelForSequenceClassification,
+            cfg.tiny,
+            tokenizer,
+            dtype,
+            cfg.attn_implementation,
+            num_labels=1,
+        )
 
 
 def _pretrained_reward_model(cfg: RewardModelConfig, dtype: torch.dtype) -> nn.Module:
@@ -117,10 +136,17 @@ def _pretrained_reward_model(cfg: RewardModelConfig, dtype: torch.dtype) -> nn.M
             f"has one scalar output. Start from its base model (a causal LM) or a num_labels=1 checkpoint."
         )
     try:
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+        with _naming_attn_implementation(cfg.attn_implementation, ATTN_OPTION):
+            return transformers.AutoModelForSequenceClassification.from_pretrained(
+                name,
+                num_labels=1,
+                dtype=dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation,
+            )
     except ValueError as err:
+        if str(err).startswith(ATTN_OPTION):
+            raise
         raise ValueError(
             f"reward_model.name_or_path={name!r} ({type(config).__name__}) has no sequence-classification class in "
             f"transformers: {err}"
@@ -135,12 +161,12 @@ def build_reward_model(cfg: RewardModelConfig, lora: LoraConfig, tokenizer: Any)
     """
     dtype = _check_dtype(cfg.dtype)
     model = (
-        _tiny_reward_model(cfg.tiny, tokenizer, dtype)
-        if cfg.name_or_path is None
-        else _pretrained_reward_model(cfg, dtype)
+        _tiny_reward_model(cfg, tokenizer, dtype) if cfg.name_or_path is None else _pretrained_reward_model(cfg, dtype)
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
     if not lora.enabled:
         return model.requires_grad_(True)
     config = peft.LoraConfig(
@@ -151,7 +177,10 @@ def build_reward_model(cfg: RewardModelConfig, lora: LoraConfig, tokenizer: Any)
         target_modules=lora.target_modules,
         modules_to_save=lora.modules_to_save,
     )
-    return peft.get_peft_model(model, config)
+    peft_model = peft.get_peft_model(model, config)
+    if cfg.gradient_checkpointing:
+        model.disable_input_require_grads()  # peft adds the hook again; only reentrant checkpointing needs it
+    return peft_model
 
 
 def packed_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, option: str) -> Tensor:

@@ -1,5 +1,7 @@
 """Reward model: the Bradley-Terry loss by hand, scoring and padding, a short fit beats chance, loading and export."""
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -172,6 +174,36 @@ def test_packing_names_the_field_for_a_model_it_cannot_pack(monkeypatch):
     del module.model.score  # a classifier whose head has another name
     with pytest.raises(ValueError, match=r"model\.packing: LlamaForSequenceClassification has no `score` head"):
         packed_scores(module.model, batch["chosen_ids"], batch["chosen_mask"], "model.packing")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gradient_checkpointing_gives_the_same_gradients(packed):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA A and score-head initialization in both builds
+        config = RewardModelConfig(tiny=TINY, gradient_checkpointing=checkpointing)
+        module = RewardModelModule(reward_model=config, lora=LoraConfig(), packing=packed)
+        module.configure_model()
+        module.train()
+        with torch.no_grad():  # a trained-looking adapter
+            for name, param in module.model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+        assert any(getattr(m, "gradient_checkpointing", False) for m in module.model.modules()) == checkpointing
+        grads.append(loss_rows_and_gradients(module, rm_batch(module))[2])
+    assert any("lora_A" in name for name in grads[1])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_attn_implementation_reaches_the_model_and_a_bad_one_names_the_field(tmp_path):
+    module = RewardModelModule(reward_model=RewardModelConfig(tiny=TINY, attn_implementation="eager"))
+    module.configure_model()
+    assert module.model.config._attn_implementation == "eager"
+    module.save_pretrained(tmp_path)
+    for config in (RewardModelConfig(tiny=TINY), RewardModelConfig(name_or_path=str(tmp_path))):
+        bogus = RewardModelModule(reward_model=dataclasses.replace(config, attn_implementation="bogus"))
+        with pytest.raises(ValueError, match=r"reward_model\.attn_implementation='bogus' cannot be used"):
+            bogus.configure_model()
 
 
 def test_short_fit_beats_chance_on_an_easy_preference():
