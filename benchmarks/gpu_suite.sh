@@ -6,9 +6,10 @@
 # STAGES: comma-separated, from tests (GPU tests), update (PPO iteration by phase, both designs), rollout (sampling
 # engines vs plain generate), more (larger batch, bf16 weights, trainer.fit cross-check), packing (ppo.packing
 # against padding, responses of 1-128 tokens), compile (regional torch.compile of the update, paired with eager),
-# profile (profiler tables of one PPO epoch's update, LoRA and full); "all" runs every stage. Stages that have not run
-# on a GPU yet: more, packing, compile, profile. With a 15-minute device budget, run "tests,packing,compile" as one
-# command (about 10 minutes at most by the limits below), "more" in the next lease.
+# chunks (ppo.lm_head_chunk_size: peak memory and time of one update micro-batch), profile (profiler tables of one PPO
+# epoch's update, LoRA and full); "all" runs every stage. Stages that have not run on a GPU yet: more, packing,
+# compile, chunks, profile. With a 15-minute device budget, run "tests,packing,compile" as one command (about 10
+# minutes at most by the limits below), "chunks,more" in the next lease.
 # Each run's JSON line goes to OUT_DIR/<stage>.jsonl (default benchmarks/out), its log to OUT_DIR/<stage>.log. A run
 # that fails or overruns its time limit is logged and the next one starts.
 set -uo pipefail
@@ -75,6 +76,12 @@ if has compile; then
   # Experiment: regional torch.compile of the decoder layers for the update (sampling stays eager), paired with eager.
   bench compile 240 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1 --compile-update
   bench compile 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1
+fi
+
+if has chunks; then
+  # One update micro-batch of 16 x 512 response tokens (8192 x 151,936 logits), bf16 weights: peak CUDA memory and time.
+  bench chunks 240 benchmarks/lm_head_chunks.py --preset "$PRESET" --precision bf16-true --batch 16 --prompt-len 64 128 \
+    --max-new-tokens 512 --chunks none 2048 512 --repeats 3
 fi
 
 if has profile; then

@@ -79,13 +79,14 @@ from lightning_rlhf.flops import (
 )
 from lightning_rlhf.loss import ppo_objective
 from lightning_rlhf.models import (
+    HeadFn,
     LoraConfig,
     PolicyConfig,
     PolicyValueModel,
     _attach_lora,
     build_policy,
     final_hidden,
-    lm_logits,
+    logits_or_head,
     unwrap_peft,
 )
 from lightning_rlhf.module import PPOModule
@@ -148,17 +149,25 @@ class SeparatePolicyValue(nn.Module):
         logits_slice: tuple[int, int] | None = None,
         packing: bool = False,
         logits_mask: Tensor | None = None,
+        head: HeadFn | None = None,
+        head_chunk_size: int | None = None,
         **generate_kwargs: Any,
-    ) -> tuple[Tensor, Tensor] | Tensor:
+    ) -> tuple[Any, Tensor] | Any:
         attention_mask = attention_mask.long()
         if mode == "generate":
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        if generate_kwargs:
+            raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
         inputs = (input_ids, attention_mask, logits_slice, packing)
+
+        def outputs(causal_lm: nn.Module, hidden: Tensor) -> Any:  # as PolicyValueModel.forward
+            return logits_or_head(causal_lm, hidden, logits_mask, head, head_chunk_size)
+
         if mode == "ref":
-            return lm_logits(self.ref_lm, final_hidden(self.ref_lm, *inputs), logits_mask)
+            return outputs(self.ref_lm, final_hidden(self.ref_lm, *inputs))
         started = self.clock()
         policy = unwrap_peft(self.lm)
-        logits = lm_logits(policy, final_hidden(policy, *inputs), logits_mask)
+        logits = outputs(policy, final_hidden(policy, *inputs))
         middle = self.clock()
         # LlamaModel.get_decoder() is the model itself, so final_hidden runs the critic's decoder.
         hidden = final_hidden(self.critic, *inputs)

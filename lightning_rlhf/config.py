@@ -68,6 +68,12 @@ class PPOConfig:
     on padding; :mod:`lightning_rlhf.packing`). Pays when responses end at different lengths; results equal the
     padded forward up to rounding. The model is checked to keep packed sequences apart before its first packed
     forward."""
+    lm_head_chunk_size: int | None = None
+    """Compute the logits, logprobs and entropy of this many response tokens at a time in every scoring and update
+    forward, and recompute them in the backward pass, so a micro-batch's (tokens x vocabulary) logits and their
+    gradient are never held at once (:func:`lightning_rlhf.models.head_outputs`). Saves memory with large
+    vocabularies at the cost of one more ``lm_head`` matmul per token in the update; results equal up to rounding.
+    None computes them all at once."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value before each optimizer step; None = no clipping."""
     early_stop_kl: float | None = None
@@ -107,6 +113,7 @@ class PPOConfig:
         need(self.ppo_epochs >= 1, "ppo_epochs", "use at least 1")
         need(self.num_minibatches >= 1, "num_minibatches", "use at least 1")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "use >= 1 or null")
+        need(self.lm_head_chunk_size is None or self.lm_head_chunk_size >= 1, "lm_head_chunk_size", "use >= 1 or null")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a value > 0 or null")
         need(self.early_stop_kl is None or self.early_stop_kl > 0, "early_stop_kl", "use a value > 0 or null")
         need(self.ratio_threshold is None or self.ratio_threshold > 1, "ratio_threshold", "use a value > 1 or null")

@@ -525,7 +525,8 @@ def sft_token_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, SFTLossStat
     """Mean negative log-likelihood of ``targets`` under ``logits`` already gathered at the N trained predictions.
 
     With the logits of only these positions (``lm_head`` run on N rows instead of B x L), a large vocabulary costs
-    no memory or time for prompt and padding positions.
+    no memory or time for prompt and padding positions. The same as :func:`sft_loss_from_terms` of
+    :func:`sft_token_terms`, which a chunked ``lm_head`` computes a chunk at a time.
 
     Args:
         logits: (N, V) unnormalized scores, one row per trained token, any float dtype.
@@ -533,19 +534,30 @@ def sft_token_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, SFTLossStat
     Returns:
         (loss, stats): the scalar mean NLL in float32 (0 when N = 0) and an :class:`SFTLossStats`.
     """
+    return sft_loss_from_terms(*sft_token_terms(logits, targets))
+
+
+def sft_token_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token terms of the SFT loss: ``(logprobs, correct)``, each (N,) float32; ``correct`` is 1 where the
+    argmax of a row of ``logits`` (N, V) is its target (N,), without a graph."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(
             f"Expected logits (N, V) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}."
         )
-    count = max(targets.shape[0], 1)  # a shape, not a host read
-    logprobs = logprobs_from_logits(logits, targets)  # (N,) float32
-    loss = -logprobs.sum() / count
     with torch.no_grad():
-        hits = (logits.argmax(-1) == targets).float()
-        stats = SFTLossStats(
-            token_accuracy=hits.sum() / count,
-            num_tokens=torch.tensor(targets.shape[0], device=targets.device),
-        )
+        correct = (logits.argmax(-1) == targets).float()
+    return logprobs_from_logits(logits, targets), correct
+
+
+def sft_loss_from_terms(logprobs: Tensor, correct: Tensor) -> tuple[Tensor, SFTLossStats]:
+    """The SFT loss and its stats from :func:`sft_token_terms`' (N,) outputs: mean NLL (0 when N = 0)."""
+    _check_same_shape(logprobs=logprobs, correct=correct)
+    count = max(logprobs.shape[0], 1)  # a shape, not a host read
+    loss = -logprobs.sum() / count
+    stats = SFTLossStats(
+        token_accuracy=correct.detach().sum() / count,
+        num_tokens=torch.tensor(logprobs.shape[0], device=logprobs.device),
+    )
     return loss, stats
 
 

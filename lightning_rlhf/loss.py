@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from lightning_rlhf import functional as F
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.models import PolicyValueModel
-from lightning_rlhf.rollout import forward_response, scatter_tokens
+from lightning_rlhf.rollout import forward_response
 from lightning_rlhf.types import PolicyLossStats, Rollout, ValueLossStats
 
 
@@ -37,9 +36,10 @@ def ppo_objective(model: PolicyValueModel, part: Rollout, ppo: PPOConfig, temper
     """Clipped surrogate, value loss and entropy bonus of ``part`` under the current policy.
 
     Columns that are padding in every row of ``part`` are dropped first (:meth:`Rollout.trim_padding`); with
-    ``ppo.packing`` the forward runs the rows packed, without padding positions. Without an entropy bonus
-    (``ent_coef == 0``) the entropy is computed without a graph: it is only logged, and its backward over a full
-    vocabulary costs about 3x its forward (0.5 s per minibatch at 152k tokens).
+    ``ppo.packing`` the forward runs the rows packed, without padding positions; with ``ppo.lm_head_chunk_size`` the
+    logits are made and consumed a chunk at a time. Without an entropy bonus (``ent_coef == 0``) the entropy is
+    computed without a graph: it is only logged, and its backward over a full vocabulary costs about 3x its forward
+    (0.5 s per minibatch at 152k tokens).
     """
     part = part.trim_padding()
     out = forward_response(
@@ -51,6 +51,8 @@ def ppo_objective(model: PolicyValueModel, part: Rollout, ppo: PPOConfig, temper
         temperature,
         mode="policy",
         packing=ppo.packing,
+        entropy="grad" if ppo.ent_coef > 0 else "detached",
+        lm_head_chunk_size=ppo.lm_head_chunk_size,
     )
     policy_loss, policy_stats = F.policy_loss(
         out.logprobs,
@@ -64,9 +66,7 @@ def ppo_objective(model: PolicyValueModel, part: Rollout, ppo: PPOConfig, temper
     value_loss, value_stats = F.value_loss(
         out.values, part.old_values, part.returns, part.response_mask, ppo.value_clip_coef, ppo.aggregation
     )
-    with torch.set_grad_enabled(ppo.ent_coef > 0 and torch.is_grad_enabled()):
-        token_entropy = scatter_tokens(F.entropy_from_logits(out.logits, temperature), part.response_mask)
-    entropy = F.aggregate(token_entropy, part.response_mask, ppo.aggregation)
+    entropy = F.aggregate(out.entropy, part.response_mask, ppo.aggregation)
     loss = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy
     return PPOObjective(
         loss=loss,

@@ -30,12 +30,13 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import peft
 import torch
+import torch.utils.checkpoint
 import transformers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -371,8 +372,10 @@ class PolicyValueModel(nn.Module):
         logits_slice: tuple[int, int] | None = None,
         packing: bool = False,
         logits_mask: Tensor | None = None,
+        head: HeadFn | None = None,
+        head_chunk_size: int | None = None,
         **generate_kwargs,
-    ) -> tuple[Tensor, Tensor] | Tensor:
+    ) -> tuple[Any, Tensor] | Any:
         """Policy logits and values, reference logits, or generated tokens.
 
         Args:
@@ -385,11 +388,16 @@ class PolicyValueModel(nn.Module):
                 real tokens must be contiguous. Same results up to rounding; ``"policy"`` and ``"ref"`` only.
             logits_mask: (B, S) bool over the slice: compute logits only where True (``lm_head`` and everything
                 after it skip the padding); the logits are then (N, V) for the N True positions in row-major order.
+            head: with ``logits_mask``: return ``head``'s per-token outputs instead of the logits
+                (:func:`head_outputs`), e.g. logprobs and entropy, computed inside this forward.
+            head_chunk_size: with ``head``: run ``lm_head`` and ``head`` on this many tokens at a time, recomputed in
+                the backward pass, so the (N, V) logits are never held at once; None runs all N together.
             **generate_kwargs: passed to ``generate`` (``mode="generate"`` only).
         Returns:
             ``"policy"``: ``(logits, values)``, (B, S, V) (or (N, V) with ``logits_mask``) in the LM's dtype and
             (B, S) float32, where S is the slice length (L without a slice). ``"ref"``: the reference logits, (B, S, V)
-            or (N, V). ``"generate"``: (B, L + T') long, the prompts followed by the generated tokens.
+            or (N, V). With ``head``, its outputs take the logits' place. ``"generate"``: (B, L + T') long, the
+            prompts followed by the generated tokens.
         """
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(repr(m) for m in MODES)}.")
@@ -398,19 +406,22 @@ class PolicyValueModel(nn.Module):
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         if generate_kwargs:
             raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
+
+        def outputs(causal_lm: nn.Module, hidden: Tensor) -> Any:
+            return logits_or_head(causal_lm, hidden, logits_mask, head, head_chunk_size)
+
         if mode == "policy":
             hidden = final_hidden(unwrap_peft(self.lm), input_ids, attention_mask, logits_slice, packing)
             # float32 unless the whole module was cast (precision bf16-true): the head reads the hidden state in its
             # own dtype, and the values leave in float32 for the PPO math either way.
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
-            return lm_logits(unwrap_peft(self.lm), hidden, logits_mask), values
+            return outputs(unwrap_peft(self.lm), hidden), values
         if self.ref_lm is not None:
-            hidden = final_hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing)
-            return lm_logits(self.ref_lm, hidden, logits_mask)
+            return outputs(self.ref_lm, final_hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing))
+        # The reference runs without grad, so a chunked head never recomputes outside the adapter-disabled block.
         with adapter_disabled(self.lm):
             base = unwrap_peft(self.lm)
-            hidden = final_hidden(base, input_ids, attention_mask, logits_slice, packing)
-            return lm_logits(base, hidden, logits_mask)
+            return outputs(base, final_hidden(base, input_ids, attention_mask, logits_slice, packing))
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -464,3 +475,59 @@ def lm_logits(causal_lm: nn.Module, hidden: Tensor, mask: Tensor | None = None) 
     if cap is not None:  # Gemma 2 and later: cap * tanh(logits / cap)
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+HeadFn = Callable[[Tensor, slice], tuple[Tensor, ...]]
+"""``head(logits, rows)``: per-token outputs, each (C,), of the (C, V) logits of tokens ``rows`` (a slice of 0..N)."""
+
+
+def logits_or_head(
+    causal_lm: nn.Module,
+    hidden: Tensor,
+    logits_mask: Tensor | None,
+    head: HeadFn | None,
+    head_chunk_size: int | None,
+) -> Tensor | tuple[Tensor, ...]:
+    """:func:`lm_logits` of ``hidden`` (B, S, H) at ``logits_mask``, or with ``head`` :func:`head_outputs` there
+    (``logits_mask`` required): what :meth:`PolicyValueModel.forward` returns in the logits' place."""
+    if head is None:
+        return lm_logits(causal_lm, hidden, logits_mask)
+    if logits_mask is None:
+        raise ValueError("A `head` needs `logits_mask`: the positions whose logits it reads.")
+    return head_outputs(causal_lm, hidden[logits_mask], head, head_chunk_size)
+
+
+def head_outputs(
+    causal_lm: nn.Module, hidden: Tensor, head: HeadFn, chunk_size: int | None = None
+) -> tuple[Tensor, ...]:
+    """``head`` applied to the logits of N final hidden states, optionally ``chunk_size`` tokens at a time.
+
+    With a chunk size, each chunk's logits live only while ``head`` reads them: with grad enabled every chunk runs
+    under non-reentrant activation checkpointing, so the backward pass recomputes its ``lm_head`` (one more
+    ``lm_head`` matmul per token) instead of holding N x V logits and their gradient. ``lm_head`` is called as a
+    module, so its hooks (LoRA ``modules_to_save``, FSDP) run each time. The results equal the unchunked ones up to
+    rounding (matmuls of another shape).
+
+    Args:
+        causal_lm: the model whose ``lm_head`` (and logit softcapping) makes the logits (:func:`lm_logits`).
+        hidden: (N, H) final hidden states, one per token.
+        head: maps a chunk's (C, V) logits and its rows to a tuple of (C,) outputs.
+        chunk_size: tokens per chunk (>= 1), or None for all N at once.
+    Returns:
+        ``head``'s outputs over all N tokens, each (N,).
+    """
+    total = hidden.shape[0]
+    if chunk_size is None or total <= chunk_size:
+        return head(lm_logits(causal_lm, hidden), slice(0, total))
+    pieces = []
+    for start in range(0, total, chunk_size):
+        rows = slice(start, min(start + chunk_size, total))
+
+        def chunk(h: Tensor, rows: slice = rows) -> tuple[Tensor, ...]:
+            return head(lm_logits(causal_lm, h), rows)
+
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(chunk, hidden[rows], use_reentrant=False))
+        else:
+            pieces.append(chunk(hidden[rows]))
+    return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))

@@ -232,6 +232,7 @@ class PPOModule(LightningModule):
             micro_batch_size=self.ppo.micro_batch_size,
             synced_gpus=self.sharded,
             packing=self.ppo.packing,
+            lm_head_chunk_size=self.ppo.lm_head_chunk_size,
         )
 
     def decode_responses(self, rollout: Rollout) -> list[str]:

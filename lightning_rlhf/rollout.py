@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_rlhf.functional import logprobs_from_logits
+from lightning_rlhf.functional import entropy_from_logits, logprobs_from_logits
 from lightning_rlhf.generation import (
     ENGINES,
     Engine,
@@ -114,16 +114,20 @@ class GenerationConfig:
             raise ValueError(f"generation.batch_size must be >= 1 or None (whole batch), got {self.batch_size}.")
 
 
+ENTROPY: tuple[str, ...] = ("none", "detached", "grad")
+"""``forward_response(entropy=...)``: no entropy, the entropy without a graph (logged only), or with one (a bonus)."""
+
+
 class ResponseForward(NamedTuple):
     """Outputs of one forward over prompt + response, at the response positions."""
 
-    logits: Tensor
-    """(N, V) logits at the N real response tokens, in row-major order of the response mask: the logits that predict
-    each of them (not divided by the temperature). No logits are computed for padding."""
     logprobs: Tensor
     """(B, T) float32 log-probabilities of the response tokens at the temperature; 0 where the mask is False."""
     values: Tensor | None
     """(B, T) float32 V(s_t), the value before response token t; 0 where the mask is False. None for ``mode="ref"``."""
+    entropy: Tensor | None = None
+    """(B, T) float32 entropy of the temperature-scaled distribution that predicts each response token; 0 where the
+    mask is False. None unless asked for."""
 
 
 def forward_response(
@@ -135,11 +139,15 @@ def forward_response(
     temperature: float,
     mode: str = "policy",
     packing: bool = False,
+    entropy: str = "none",
+    lm_head_chunk_size: int | None = None,
 ) -> ResponseForward:
-    """One forward of prompt + response; logprobs and values for the response tokens.
+    """One forward of prompt + response; logprobs (and values, entropy) for the response tokens.
 
     The logits at positions ``P - 1 .. P + T - 2`` predict response tokens ``0 .. T - 1``; the values are read at the
     same positions, so ``values[:, t]`` is V(s_t), the state before token t. Gradients flow (the PPO update calls this).
+    Logits are computed only at the real response tokens, and consumed inside the model's forward, so they never
+    leave it.
 
     Args:
         model: the policy.
@@ -150,24 +158,48 @@ def forward_response(
         temperature: the sampling temperature, > 0.
         mode: ``"policy"`` (logprobs and values) or ``"ref"`` (reference logprobs, no values).
         packing: run the rows packed (:mod:`lightning_rlhf.packing`): no forward over padding positions.
+        entropy: one of :data:`ENTROPY`: ``"detached"`` for a logged entropy (its backward over a full vocabulary
+            costs about 3x its forward), ``"grad"`` for an entropy bonus.
+        lm_head_chunk_size: compute logits, logprobs and entropy this many tokens at a time, recomputed in the
+            backward pass (:func:`lightning_rlhf.models.head_outputs`); None all at once.
     Returns:
         A :class:`ResponseForward`.
     """
     if mode not in ("policy", "ref"):
         raise ValueError(f"forward_response mode must be 'policy' or 'ref', got {mode!r}.")
+    if entropy not in ENTROPY:
+        raise ValueError(f"forward_response entropy must be one of {ENTROPY}, got {entropy!r}.")
     prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
     response_mask = response_mask.bool()
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask.bool(), response_mask], dim=1)
-    logits_slice = (prompt_len - 1, prompt_len + response_len - 1)
+    tokens = response_ids[response_mask]  # (N,) in row-major order, as the logits
+
+    def head(logits: Tensor, rows: slice) -> tuple[Tensor, ...]:
+        logprobs = logprobs_from_logits(logits, tokens[rows], temperature)
+        if entropy == "none":
+            return (logprobs,)
+        with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+            return logprobs, entropy_from_logits(logits, temperature)
+
     out = model(
-        input_ids, attention_mask, mode=mode, logits_slice=logits_slice, packing=packing, logits_mask=response_mask
+        input_ids,
+        attention_mask,
+        mode=mode,
+        logits_slice=(prompt_len - 1, prompt_len + response_len - 1),
+        packing=packing,
+        logits_mask=response_mask,
+        head=head,
+        head_chunk_size=lm_head_chunk_size,
     )
-    logits, values = out if mode == "policy" else (out, None)
-    logprobs = scatter_tokens(logprobs_from_logits(logits, response_ids[response_mask], temperature), response_mask)
+    per_token, values = out if mode == "policy" else (out, None)
     if values is not None:
         values = torch.where(response_mask, values.float(), torch.zeros((), device=values.device))
-    return ResponseForward(logits=logits, logprobs=logprobs, values=values)
+    return ResponseForward(
+        logprobs=scatter_tokens(per_token[0], response_mask),
+        values=values,
+        entropy=scatter_tokens(per_token[1], response_mask) if entropy != "none" else None,
+    )
 
 
 def scatter_tokens(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -226,6 +258,7 @@ def _generate_and_score(
     micro_batch_size: int | None,
     synced_gpus: bool,
     packing: bool,
+    lm_head_chunk_size: int | None,
 ) -> Rollout:
     response_ids, response_mask, ended = truncate_at_stop(
         sample_responses(model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus),
@@ -246,10 +279,11 @@ def _generate_and_score(
             response_mask[rows, :end],
         )
         pad = (0, response_ids.shape[1] - end)
-        policy = forward_response(model, *args, generation.temperature, mode="policy", packing=packing)
+        options = {"packing": packing, "lm_head_chunk_size": lm_head_chunk_size}
+        policy = forward_response(model, *args, generation.temperature, mode="policy", **options)
         parts["old_logprobs"].append(nn.functional.pad(policy.logprobs, pad))
         parts["old_values"].append(nn.functional.pad(policy.values, pad))
-        ref = forward_response(model, *args, generation.temperature, mode="ref", packing=packing)
+        ref = forward_response(model, *args, generation.temperature, mode="ref", **options)
         parts["ref_logprobs"].append(nn.functional.pad(ref.logprobs, pad))
     return Rollout(
         prompt_ids=prompt_ids,
@@ -309,6 +343,7 @@ def generate_rollout(
     micro_batch_size: int | None = None,
     synced_gpus: bool = False,
     packing: bool = False,
+    lm_head_chunk_size: int | None = None,
 ) -> Rollout:
     """Sample one response per prompt and compute old logprobs, reference logprobs and values.
 
@@ -325,6 +360,7 @@ def generate_rollout(
             Generation runs in chunks of ``generation.batch_size`` rows.
         synced_gpus: keep generating until every rank is done (needed when parameters are sharded, e.g. FSDP).
         packing: score the rows packed (:mod:`lightning_rlhf.packing`), as ``ppo.packing`` does in the update.
+        lm_head_chunk_size: score this many response tokens' logits at a time (``ppo.lm_head_chunk_size``).
     Returns:
         A :class:`Rollout` with the first eight fields set.
     """
@@ -346,4 +382,5 @@ def generate_rollout(
             micro_batch_size,
             synced_gpus,
             packing,
+            lm_head_chunk_size,
         )

@@ -46,7 +46,7 @@ from lightning_rlhf.models import (
     _pretrained,
     _tiny_llama,
     final_hidden,
-    lm_logits,
+    head_outputs,
     load_tokenizer,
     unwrap_peft,
 )
@@ -90,6 +90,9 @@ class SFTModule(LightningModule):
             padding; :mod:`lightning_rlhf.packing`). Pays when examples differ in length; the loss equals the padded
             forward's up to rounding. The model is checked to keep packed sequences apart before its first packed
             forward.
+        lm_head_chunk_size: compute the logits of this many trained tokens at a time and recompute them in the
+            backward pass, so the batch's (tokens x vocabulary) logits and their gradient are never held at once
+            (:func:`lightning_rlhf.models.head_outputs`); None computes them all at once.
         optimizer: builds the optimizer from the trainable parameters (LightningCLI ``OptimizerCallable``).
         lr_scheduler: builds an LR scheduler from the optimizer; it steps every optimizer step.
     """
@@ -101,6 +104,7 @@ class SFTModule(LightningModule):
         output_dir: str | None = None,
         save_adapter: bool = True,
         packing: bool = False,
+        lm_head_chunk_size: int | None = None,
         optimizer: OptimizerCallable = default_sft_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -114,11 +118,15 @@ class SFTModule(LightningModule):
                 "output_dir": output_dir,
                 "save_adapter": save_adapter,
                 "packing": packing,
+                "lm_head_chunk_size": lm_head_chunk_size,
             }
         )
         self.output_dir = output_dir
         self.save_adapter = save_adapter
         self.packing = packing
+        if lm_head_chunk_size is not None and lm_head_chunk_size < 1:
+            raise ValueError(f"model.lm_head_chunk_size={lm_head_chunk_size} is invalid: use >= 1 or null.")
+        self.lm_head_chunk_size = lm_head_chunk_size
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.tokenizer = load_tokenizer(self.policy_config)
@@ -147,14 +155,19 @@ class SFTModule(LightningModule):
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, SFTLossStats]:
         """The SFT loss of a batch (:func:`lightning_rlhf.functional.sft_token_loss`), with logits computed only at
-        the positions that predict a trained token, and the rows packed when ``packing`` is on."""
+        the positions that predict a trained token, ``lm_head_chunk_size`` tokens at a time if set, and the rows
+        packed when ``packing`` is on."""
         lm = unwrap_peft(self._lm())
         input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
         predicts = F.sft_predicting_positions(loss_mask)  # (B, L - 1): position t predicts trained token t + 1
+        targets = input_ids[:, 1:][predicts]  # (N,)
         hidden = final_hidden(
             lm, input_ids, batch["attention_mask"], (0, input_ids.shape[1] - 1), self.packing, "model.packing"
         )  # (B, L - 1, H)
-        return F.sft_token_loss(lm_logits(lm, hidden, predicts), input_ids[:, 1:][predicts])
+        terms = head_outputs(
+            lm, hidden[predicts], lambda logits, rows: F.sft_token_terms(logits, targets[rows]), self.lm_head_chunk_size
+        )
+        return F.sft_loss_from_terms(*terms)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, stats = self.loss(batch)

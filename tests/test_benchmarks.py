@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_RUN = ("--preset", "qwen2-tiny", "--batch", "4", "--prompt-len", "4", "8", "--max-new-tokens", "4")
@@ -91,6 +92,18 @@ def test_stages_benchmark_gets_one_loss_from_every_variant_and_packs_short_examp
             assert out["logits_elements"]["trained"] < out["logits_elements"]["all_logits"]  # prompts predict nothing
     assert full["packed_positions"] == full["padded_positions"]  # 20-24 wide rows: no two share one
     assert skewed["real_tokens"] <= skewed["packed_positions"] < skewed["padded_positions"]
+
+
+def test_lm_head_chunks_benchmark_gets_the_same_loss_from_every_chunk_size():
+    args = ("--preset", "qwen2-tiny", "--batch", "4", "--prompt-len", "4", "8", "--max-new-tokens", "32")
+    whole, chunked = run_script_lines("lm_head_chunks.py", *args, "--repeats", "1", "--chunks", "none", "5")
+    assert (whole["chunk"], chunked["chunk"]) == ("none", "5")
+    torch.testing.assert_close(torch.tensor(chunked["loss"]), torch.tensor(whole["loss"]))
+    # The 128 x 1000 float32 logits (0.49 MiB) are not kept for the backward pass (values rounded to 0.1 MiB).
+    assert chunked["saved_for_backward_mib"] <= whole["saved_for_backward_mib"] - 0.4
+    for run in (whole, chunked):
+        assert run["response_tokens"] == 4 * 32
+        assert run["memory_peak_mib"] >= run["memory_before_mib"] > 0
 
 
 def test_ppo_iteration_compile_update_compiles_the_layers_for_the_update_only():

@@ -136,10 +136,12 @@ def test_fsdp2_matches_ddp(runs):
 
 
 @pytest.mark.parametrize(("strategy", "padded_run"), [("fsdp2", "fsdp2"), ("ddp_rlhf", "ddp")])
-def test_packing_matches_the_padded_run_on_two_processes(runs, tmp_path, strategy, padded_run):
-    # The boundary check and the packed scoring and update forwards run on every rank (a sharded model under FSDP2).
+def test_packing_and_lm_head_chunks_match_the_padded_run_on_two_processes(runs, tmp_path, strategy, padded_run):
+    # The boundary check and the packed scoring and update forwards run on every rank (a sharded model under FSDP2),
+    # and lm_head runs on 2 tokens at a time, again in the backward pass (the root's parameters under FSDP2).
     cfg = config(tmp_path / "packed", batch_size=2, max_steps=2)
     cfg["model"]["init_args"]["ppo"]["packing"] = True
+    cfg["model"]["init_args"]["ppo"]["lm_head_chunk_size"] = 2
     packed = run_cli(tmp_path, "packed", cfg, *two_processes(strategy))
     for step in (1, 2):
         ranks = dumps(packed, step)

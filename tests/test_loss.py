@@ -74,3 +74,35 @@ def test_ppo_objective_gradient_reaches_the_adapter_and_value_head_and_carries_t
     assert all(bool(plain[name].abs().sum() > 0) for name in trained)
     # The entropy term is in the graph only with a bonus, and then it changes the gradient.
     assert not all(torch.equal(plain[name], bonus[name]) for name in trained)
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.05], ids=["entropy_logged", "entropy_bonus"])
+def test_lm_head_chunks_give_the_same_objective_and_gradients_without_holding_all_logits(scored, ent_coef):
+    model, r = scored
+    rows = []  # rows of every lm_head call: forward, and the chunks' recomputation in backward
+    handle = model.lm.get_base_model().lm_head.register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
+    results = []
+    for chunk in (None, 2):
+        model.zero_grad(set_to_none=True)
+        rows.clear()
+        terms = ppo_objective(model, r, PPOConfig(ent_coef=ent_coef, lm_head_chunk_size=chunk), TEMPERATURE)
+        terms.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((terms, grads, list(rows)))
+    handle.remove()
+    (whole, whole_grads, whole_rows), (chunked, chunked_grads, chunked_rows) = results
+    tokens = int(r.response_mask.sum())
+    assert whole_rows == [tokens]
+    assert max(chunked_rows) == 2
+    assert sum(chunked_rows) == 2 * tokens  # every chunk ran again in the backward pass
+    for field in ("loss", "policy_loss", "value_loss", "entropy"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), msg=field)
+    assert chunked_grads.keys() == whole_grads.keys()
+    assert any("lora_B" in name for name in chunked_grads)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, msg=name)
+
+
+def test_lm_head_chunk_size_must_be_positive():
+    with pytest.raises(ValueError, match=r"ppo\.lm_head_chunk_size=0 is invalid: use >= 1 or null"):
+        PPOConfig(lm_head_chunk_size=0)

@@ -84,17 +84,22 @@ def test_forward_response_aligns_logits_with_the_tokens_they_predict(tokenizer, 
     prompt_ids, prompt_mask = prompts
     response_ids = torch.tensor([[10, 20, 30], [40, 50, PAD], [60, PAD, PAD]])
     response_mask = response_ids != PAD
-    out = forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=0.7)
+    out = forward_response(
+        model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=0.7, entropy="detached"
+    )
     full_logits, full_values = model(
         torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
     )
-    # Position P - 1 + t (P = 9) predicts response token t and holds V(s_t). Logits exist only for the 6 real tokens.
-    torch.testing.assert_close(out.logits, full_logits[:, 8:11][response_mask])
-    assert out.logits.shape == (6, full_logits.shape[-1])
-    expected = torch.log_softmax(full_logits[:, 8:11] / 0.7, -1).gather(-1, response_ids[..., None]).squeeze(-1)
+    # Position P - 1 + t (P = 9) predicts response token t and holds V(s_t).
+    logp = torch.log_softmax(full_logits[:, 8:11] / 0.7, -1)
+    expected = logp.gather(-1, response_ids[..., None]).squeeze(-1)
     torch.testing.assert_close(out.logprobs, torch.where(response_mask, expected, 0.0))
     torch.testing.assert_close(out.values, torch.where(response_mask, full_values[:, 8:11], 0.0))
+    torch.testing.assert_close(out.entropy, torch.where(response_mask, -(logp.exp() * logp).sum(-1), 0.0))
     assert out.logprobs.requires_grad  # no no_grad inside: the PPO update differentiates through this
+    assert not out.entropy.requires_grad  # "detached": logged only
+    plain = forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=0.7)
+    assert plain.entropy is None
 
     ref = forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=0.7, mode="ref")
     assert ref.values is None

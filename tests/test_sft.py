@@ -165,6 +165,29 @@ def test_packed_loss_and_gradient_equal_the_padded_ones(lora_enabled):
         torch.testing.assert_close(packed_grads[name], grad, msg=name)
 
 
+def test_lm_head_chunks_give_the_same_loss_and_gradient():
+    module = tiny_sft()  # full fine-tuning: lm_head's own gradient goes through the recomputed chunks
+    module.configure_model()
+    batch = batch_of_different_lengths(module)
+    rows = []  # rows of every lm_head call
+    module.lm.lm_head.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
+    _, whole_loss, whole_stats, whole_grads = decoder_rows(module, batch)
+    trained = int(batch["loss_mask"].sum())
+    assert rows == [trained]
+    rows.clear()
+    module.lm_head_chunk_size = 4
+    _, chunked_loss, chunked_stats, chunked_grads = decoder_rows(module, batch)
+    assert max(rows) == 4
+    assert sum(rows) == 2 * trained  # every chunk ran again in the backward pass
+    torch.testing.assert_close(chunked_loss, whole_loss)
+    torch.testing.assert_close(chunked_stats.token_accuracy, whole_stats.token_accuracy)
+    assert "lm.lm_head.weight" in chunked_grads
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, msg=name)
+    with pytest.raises(ValueError, match=r"model\.lm_head_chunk_size=0 is invalid"):
+        tiny_sft(lm_head_chunk_size=0)
+
+
 def test_packing_refuses_a_model_whose_attention_crosses_sequences_naming_the_field(monkeypatch):
     module = tiny_sft(packing=True)
     module.configure_model()
