@@ -20,18 +20,16 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import torch
 from packing import make_rollout, synchronize
-from presets import add_model_arguments, policy_config, save_random_model
+from presets import add_model_arguments, build_benchmark_policy
 from torch import Tensor, nn
 
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.loss import ppo_objective
-from lightning_rlhf.models import LoraConfig, build_policy, load_tokenizer
 from lightning_rlhf.types import Rollout
 
 TEMPERATURE = 1.0
@@ -103,13 +101,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     chunk = None if args.variant == "none" else int(args.variant)
-    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
-        if args.preset != "none":
-            save_random_model(args.preset, model_dir, args.seed)
-        torch.manual_seed(args.seed)
-        cfg = policy_config(args, model_dir)
-        lora = LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
-        model = build_policy(cfg, lora, load_tokenizer(cfg)).to(device).train()
+    model = build_benchmark_policy(args)
     vocab = model.lm.config.vocab_size
     rollout = make_rollout(args, vocab, "full")
     ppo = PPOConfig(lm_head_chunk_size=chunk)

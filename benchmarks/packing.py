@@ -24,17 +24,16 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any
 
 import torch
-from presets import add_model_arguments, policy_config, save_random_model
+from presets import add_model_arguments, build_benchmark_policy
 from torch import Tensor
 
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.loss import ppo_objective
-from lightning_rlhf.models import LoraConfig, PolicyValueModel, build_policy, load_tokenizer, unwrap_peft
+from lightning_rlhf.models import PolicyValueModel, unwrap_peft
 from lightning_rlhf.packing import verify_packing
 from lightning_rlhf.rollout import forward_response
 from lightning_rlhf.types import Rollout
@@ -69,15 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
-        if args.preset != "none":
-            save_random_model(args.preset, model_dir, args.seed)
-        torch.manual_seed(args.seed)
-        cfg = policy_config(args, model_dir)
-        lora = LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
-        model = build_policy(cfg, lora, load_tokenizer(cfg)).to(args.device).train()
-        for distribution in args.lengths:
-            print(json.dumps(run(args, model, distribution)), file=sys.stdout, flush=True)
+    model = build_benchmark_policy(args)
+    for distribution in args.lengths:
+        print(json.dumps(run(args, model, distribution)), file=sys.stdout, flush=True)
 
 
 def response_lengths(distribution: str, count: int, longest: int, rng: random.Random) -> list[int]:

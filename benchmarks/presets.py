@@ -10,12 +10,20 @@ to give the reward some text (:func:`fold_to_tokenizer`), so the model's cost is
 from __future__ import annotations
 
 import argparse
+import tempfile
 from typing import Any
 
 import torch
 import transformers
 
-from lightning_rlhf.models import PolicyConfig, TinyModelConfig
+from lightning_rlhf.models import (
+    LoraConfig,
+    PolicyConfig,
+    PolicyValueModel,
+    TinyModelConfig,
+    build_policy,
+    load_tokenizer,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen2-0.5B's config.json (hub: Qwen/Qwen2-0.5B): 494 M parameters, tied embeddings, q/k/v biases, GQA 14/2.
@@ -111,3 +119,15 @@ def policy_config(args: argparse.Namespace, model_dir: str) -> PolicyConfig:
         num_attention_heads=args.heads,
     )
     return PolicyConfig(tiny=tiny, dtype=dtype)
+
+
+def build_benchmark_policy(args: argparse.Namespace) -> PolicyValueModel:
+    """The policy of ``args`` (``--preset`` or the tiny Llama, LoRA of ``--lora-r`` or ``--full`` fine-tuning), its
+    weights drawn from ``--seed``, on ``--device`` in training mode."""
+    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
+        if args.preset != "none":
+            save_random_model(args.preset, model_dir, args.seed)
+        torch.manual_seed(args.seed)
+        cfg = policy_config(args, model_dir)
+        lora = LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
+        return build_policy(cfg, lora, load_tokenizer(cfg)).to(args.device).train()
