@@ -418,7 +418,9 @@ class PolicyValueModel(nn.Module):
             return outputs(unwrap_peft(self.lm), hidden), values
         if self.ref_lm is not None:
             return outputs(self.ref_lm, final_hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing))
-        # The reference runs without grad, so a chunked head never recomputes outside the adapter-disabled block.
+        if head_chunk_size is not None and torch.is_grad_enabled():
+            # A chunk's recomputation in the backward pass would run after the block below, with the adapter on.
+            raise ValueError("The reference forward with a chunked head must run without grad (torch.no_grad()).")
         with adapter_disabled(self.lm):
             base = unwrap_peft(self.lm)
             return outputs(base, final_hidden(base, input_ids, attention_mask, logits_slice, packing))

@@ -12,7 +12,8 @@ its reference *is* it (with LoRA in PPO the reference is that model with PPO's a
 a frozen copy of it). With LoRA and ``save_adapter``, the SFT adapter alone is also written to ``output_dir/adapter``.
 
 Speed: ``lm_head`` runs only at the positions that predict a trained token (with a 150k-token vocabulary the logits
-of prompt and padding positions would otherwise be most of the step's memory), and ``packing: true`` packs each
+of prompt and padding positions would otherwise be most of the step's memory; ``lm_head_chunk_size`` makes and
+recomputes them a chunk of tokens at a time), and ``packing: true`` packs each
 batch's sequences into fewer rows (:mod:`lightning_rlhf.packing`), so no compute goes to padding. Packing stays
 within a batch, like TRL's ``padding_free``: every step sees the same sequences and the same token-mean loss as the
 padded run (equal up to rounding), unlike TRL's ``packing``, which cuts a stream of examples into fixed-length rows.

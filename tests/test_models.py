@@ -322,3 +322,21 @@ def test_tiny_base_is_a_function_of_its_config():
     for (name, a), b, c in zip(first.lm.named_parameters(), second.lm.parameters(), other.lm.parameters(), strict=True):
         assert torch.equal(a, b), name
         assert not torch.equal(a, c) or a.std() == 0, name
+
+
+def test_chunked_head_of_the_reference_refuses_grad(tokenizer, batch):
+    # Its recomputation in the backward pass would run after the adapter-disabled block, i.e. with the adapter on.
+    model = build(tokenizer)
+    mask = batch[1].bool()
+
+    def head(logits, rows):
+        return (logits.sum(-1),)
+
+    with pytest.raises(ValueError, match=r"reference forward with a chunked head must run without grad"):
+        model(*batch, mode="ref", logits_mask=mask, head=head, head_chunk_size=2)
+    with torch.no_grad():
+        chunked = model(*batch, mode="ref", logits_mask=mask, head=head, head_chunk_size=2)
+        whole = model(*batch, mode="ref", logits_mask=mask, head=head)
+        logits = model(*batch, mode="ref", logits_mask=mask)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(whole[0], logits.sum(-1))
