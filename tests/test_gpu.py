@@ -17,15 +17,17 @@ from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(
+    ("packing", "lm_head_chunk_size"), [(False, None), (True, None), (True, 4)], ids=["padded", "packed", "chunked"]
+)
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_bf16_iteration_on_one_gpu(precision, packing):
+def test_bf16_iteration_on_one_gpu(precision, packing, lm_head_chunk_size):
     seed_everything(0, verbose=False)
     module = PPOModule(
         policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=64)),
         lora=LoraConfig(modules_to_save=["lm_head"]),
         generation=GenerationConfig(max_new_tokens=8),
-        ppo=PPOConfig(num_minibatches=2, packing=packing),
+        ppo=PPOConfig(num_minibatches=2, packing=packing, lm_head_chunk_size=lm_head_chunk_size),
         reward=CharFractionReward(),
     )
     trainer = Trainer(
