@@ -18,6 +18,10 @@ repeat sees the same weights).
 ``--stage rm`` (``RewardModelModule``, the Bradley-Terry loss over B pairs = 2B sequences in one forward):
 ``padded`` (the Hugging Face classifier's forward) and ``packed`` (``packing: true``).
 
+``--stage scorer`` (PPO's reward phase: ``RewardModelScorer`` on B (prompt, response) texts, no gradient, micro-batches
+of ``--scorer-batch-size`` texts of similar length): ``padded`` and ``packed`` (``packing: true``); the time is the
+call, the "loss" the sum of the scores.
+
 Also reported: the losses (equal up to rounding), the decoder positions each variant runs, and for SFT the logits
 elements.
 
@@ -45,9 +49,14 @@ from lightning_rlhf.models import LoraConfig
 from lightning_rlhf.packing import pack_rows
 from lightning_rlhf.pipeline_data import PreferenceCollator, SFTCollator
 from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule
+from lightning_rlhf.rewards import RewardModelScorer
 from lightning_rlhf.sft import SFTModule
 
-VARIANTS: dict[str, tuple[str, ...]] = {"sft": ("all_logits", "trained_logits", "packed"), "rm": ("padded", "packed")}
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "sft": ("all_logits", "trained_logits", "packed"),
+    "rm": ("padded", "packed"),
+    "scorer": ("padded", "packed"),
+}
 FIRST_ID = 3
 """Random token ids start here, so no sequence holds a special token (ByT5: 0 pad, 1 EOS, 2 unknown)."""
 
@@ -56,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--stage", choices=tuple(VARIANTS), default="sft", help="SFT or reward-model training")
+    parser.add_argument(
+        "--stage", choices=tuple(VARIANTS), default="sft", help="SFT, reward-model training, or reward-model scoring"
+    )
+    parser.add_argument("--scorer-batch-size", type=int, default=16, help="--stage scorer: texts per forward")
     add_model_arguments(parser)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--batch", type=int, default=16, help="examples (SFT) or pairs (rm) per batch")
@@ -67,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("32-true", "bf16-true"), default="32-true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.stage == "scorer" and args.preset != "none":
+        # A preset's directory names its own tokenizer family, which AutoTokenizer then prefers to the saved ByT5.
+        parser.error("--stage scorer runs the tiny Llama (the scorer's speed does not depend on the vocabulary)")
+    return args
 
 
 def make_batch(args: argparse.Namespace, distribution: str, vocab: int, rng: random.Random) -> dict[str, Tensor]:
@@ -106,7 +122,41 @@ def step(module: SFTModule | RewardModelModule, variant: str, batch: dict[str, T
     return time.perf_counter() - started, float(loss.detach())
 
 
+def run_scorer(args: argparse.Namespace, module: RewardModelModule, distribution: str) -> dict[str, Any]:
+    """``--stage scorer``: the reward model saved as PPO's ``RewardModelScorer`` loads it, scoring random texts."""
+    rng = random.Random(args.seed)
+
+    def text(count: int) -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(count))
+
+    prompts = [text(rng.randint(*args.prompt_len)) for _ in range(args.batch)]
+    responses = [text(n) for n in response_lengths(distribution, args.batch, args.max_response, rng)]
+    with tempfile.TemporaryDirectory() as directory, torch.no_grad():
+        scorer = RewardModelScorer(str(module.save_pretrained(directory)), batch_size=args.scorer_batch_size)
+        scorer.setup(torch.device("cpu"))
+    seconds: dict[str, list[float]] = {variant: [] for variant in VARIANTS["scorer"]}
+    scores: dict[str, Tensor] = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for variant in seconds:
+            scorer.packing = variant == "packed"
+            started = time.perf_counter()
+            scores[variant] = scorer(prompts, responses)
+            if repeat:
+                seconds[variant].append(time.perf_counter() - started)
+    median = {variant: statistics.median(times) for variant, times in seconds.items()}
+    return {
+        "lengths": distribution,
+        "scorer_batch_size": args.scorer_batch_size,
+        "seconds": median,
+        "speedup_vs_padded": {"packed": median["padded"] / median["packed"]},
+        "loss": {variant: float(values.sum()) for variant, values in scores.items()},
+        "max_score_difference": float((scores["packed"] - scores["padded"]).abs().max()),
+    }
+
+
 def run(args: argparse.Namespace, module: SFTModule | RewardModelModule, distribution: str) -> dict[str, Any]:
+    if args.stage == "scorer":
+        return run_scorer(args, module, distribution)
     lm = module.lm if isinstance(module, SFTModule) else module.model
     batch = make_batch(args, distribution, lm.get_input_embeddings().num_embeddings, random.Random(args.seed))
     variants = VARIANTS[args.stage]

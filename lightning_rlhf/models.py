@@ -533,3 +533,35 @@ def head_outputs(
         else:
             pieces.append(chunk(hidden[rows]))
     return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))
+
+
+def packed_classifier_scores(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, option: str, label: int = 0
+) -> Tensor:
+    """(N,) float32 logits of class ``label`` of a decoder-based sequence classifier, its rows run packed.
+
+    Equal, up to rounding, to ``model(input_ids, attention_mask).logits[:, label]``: the decoder runs on packed rows
+    (:func:`final_hidden`) and the ``score`` head reads each row's hidden state where the Hugging Face head pools, the
+    rightmost token that is not ``pad_token_id``.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` (or a ``peft.PeftModel`` around one) with a ``score`` head.
+        input_ids: (N, L) long, right-padded with ``config.pad_token_id``.
+        attention_mask: (N, L) bool or int, True/1 for a real token; each row's real tokens contiguous.
+        option: the recipe field that turned packing on, named in the errors.
+        label: the class whose logit is returned.
+    Raises:
+        ValueError: the model has no ``score`` head (an encoder classifier, say), or lets packed sequences attend to
+            each other.
+    """
+    classifier = unwrap_peft(model)
+    head = getattr(classifier, "score", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(
+            f"{option}: {type(classifier).__name__} has no `score` head to read packed hidden states with; set "
+            f"{option}: false."
+        )
+    hidden = final_hidden(classifier, input_ids, attention_mask, packing=True, option=option)  # (N, L, H)
+    not_padding = input_ids != classifier.config.get_text_config().pad_token_id  # (N, L)
+    last = (torch.arange(input_ids.shape[1], device=input_ids.device) * not_padding).argmax(-1)  # (N,) as HF pools
+    return head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])[:, label].float()

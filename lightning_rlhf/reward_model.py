@@ -47,8 +47,7 @@ from lightning_rlhf.models import (
     _enable_checkpointing,
     _naming_attn_implementation,
     build_tiny,
-    final_hidden,
-    unwrap_peft,
+    packed_classifier_scores,
 )
 
 METRICS = ("loss", "accuracy", "margin")
@@ -183,34 +182,6 @@ def build_reward_model(cfg: RewardModelConfig, lora: LoraConfig, tokenizer: Any)
     return peft_model
 
 
-def packed_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, option: str) -> Tensor:
-    """(N,) float32 scores (label 0) of a decoder-based sequence classifier, its rows run packed.
-
-    Equal, up to rounding, to ``model(input_ids, attention_mask).logits[:, 0]``: the decoder runs on packed rows
-    (:func:`lightning_rlhf.models.final_hidden`) and the ``score`` head reads each row's hidden state where the
-    Hugging Face head pools, the rightmost token that is not ``pad_token_id``.
-
-    Args:
-        model: an ``AutoModelForSequenceClassification`` (or a ``peft.PeftModel`` around one) with a ``score`` head.
-        input_ids: (N, L) long, right-padded with ``config.pad_token_id``.
-        attention_mask: (N, L) bool or int, True/1 for a real token; each row's real tokens contiguous.
-        option: the recipe field that turned packing on, named in the errors.
-    Raises:
-        ValueError: the model has no ``score`` head, or lets packed sequences attend to each other.
-    """
-    classifier = unwrap_peft(model)
-    head = getattr(classifier, "score", None)
-    if not isinstance(head, nn.Module):
-        raise ValueError(
-            f"{option}: {type(classifier).__name__} has no `score` head to read packed hidden states with; set "
-            f"{option}: false."
-        )
-    hidden = final_hidden(classifier, input_ids, attention_mask, packing=True, option=option)  # (N, L, H)
-    not_padding = input_ids != classifier.config.get_text_config().pad_token_id  # (N, L)
-    last = (torch.arange(input_ids.shape[1], device=input_ids.device) * not_padding).argmax(-1)  # (N,) as HF pools
-    return head(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])[:, 0].float()
-
-
 class RewardModelModule(LightningModule):
     """A scalar reward model trained with the Bradley-Terry pairwise loss; saves an HF directory PPO's scorer loads.
 
@@ -221,8 +192,9 @@ class RewardModelModule(LightningModule):
         output_dir: where ``fit`` writes the model and tokenizer at its end (rank 0); None writes nothing. It is
             PPO's ``RewardModelScorer(name_or_path=...)``.
         save_adapter: with LoRA, also write the adapter alone to ``output_dir/adapter``.
-        packing: score each batch's sequences packed into fewer rows (:func:`packed_scores`); pays when sequences
-            differ in length. The model is checked to keep packed sequences apart before its first packed forward.
+        packing: score each batch's sequences packed into fewer rows
+            (:func:`lightning_rlhf.models.packed_classifier_scores`); pays when sequences differ in length. The model
+            is checked to keep packed sequences apart before its first packed forward.
         optimizer: builds the optimizer from the trainable parameters (LightningCLI ``OptimizerCallable``).
         lr_scheduler: builds an LR scheduler from the optimizer; it steps every optimizer step.
     """
@@ -279,7 +251,7 @@ class RewardModelModule(LightningModule):
         if self.model is None:
             raise RuntimeError("RewardModelModule has no model yet; call configure_model() (trainer.fit does).")
         if self.packing:
-            return packed_scores(self.model, input_ids, attention_mask, "model.packing")
+            return packed_classifier_scores(self.model, input_ids, attention_mask, "model.packing")
         return self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits[:, 0].float()
 
     def pair_scores(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

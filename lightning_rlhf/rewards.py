@@ -206,6 +206,10 @@ class RewardModelScorer(Reward):
         use_chat_template: format each pair with the reward tokenizer's chat template instead of concatenating.
         label_index: the class whose logit is the score, for a model with several labels; None requires
             ``num_labels=1``.
+        packing: run each micro-batch's texts packed into fewer rows
+            (:func:`lightning_rlhf.models.packed_classifier_scores`): no compute on padding, the same scores up to
+            rounding. Needs a decoder classifier with a ``score`` head (Llama, Qwen2, Mistral, GPT-2, ...); checked
+            before the first packed forward.
     """
 
     DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -220,6 +224,7 @@ class RewardModelScorer(Reward):
         trust_remote_code: bool = False,
         use_chat_template: bool = False,
         label_index: int | None = None,
+        packing: bool = False,
     ) -> None:
         if dtype not in self.DTYPES:
             raise ValueError(f"RewardModelScorer dtype={dtype!r} is not one of {self.DTYPES}.")
@@ -235,6 +240,7 @@ class RewardModelScorer(Reward):
         self.trust_remote_code = trust_remote_code
         self.use_chat_template = use_chat_template
         self.label_index = label_index
+        self.packing = packing
         self.model: Any = None
         self.tokenizer: Any = None
         self._warned_truncation = False
@@ -338,8 +344,17 @@ class RewardModelScorer(Reward):
             for j, i in enumerate(rows):  # right padding with the config's pad id: the head pools before it
                 input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
                 attention_mask[j, : len(ids[i])] = 1
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            scores[torch.tensor(rows, device=device)] = logits[:, self.label_index or 0].float()
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            if self.packing:
+                from lightning_rlhf.models import packed_classifier_scores
+
+                row_scores = packed_classifier_scores(
+                    self.model, input_ids, attention_mask, "reward.init_args.packing", self.label_index or 0
+                )
+            else:
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                row_scores = logits[:, self.label_index or 0].float()
+            scores[torch.tensor(rows, device=device)] = row_scores
         return scores
 
 

@@ -94,6 +94,15 @@ def test_stages_benchmark_gets_one_loss_from_every_variant_and_packs_short_examp
     assert skewed["real_tokens"] <= skewed["packed_positions"] < skewed["padded_positions"]
 
 
+def test_stages_benchmark_scores_the_same_texts_packed_and_padded():
+    tiny = ("--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2")
+    args = ("--stage", "scorer", *tiny, "--batch", "8", "--scorer-batch-size", "4", "--max-response", "16")
+    for out in run_script_lines("stages.py", *args, "--lengths", "full", "skewed", "--repeats", "1"):
+        assert out["scorer_batch_size"] == 4
+        assert set(out["seconds"]) == {"padded", "packed"}
+        assert out["max_score_difference"] < 1e-4
+
+
 def test_lm_head_chunks_benchmark_gets_the_same_loss_from_every_chunk_size():
     args = ("--preset", "qwen2-tiny", "--batch", "4", "--prompt-len", "4", "8", "--max-new-tokens", "32")
     whole, chunked = run_script_lines("lm_head_chunks.py", *args, "--repeats", "1", "--chunks", "none", "5")

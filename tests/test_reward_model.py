@@ -9,9 +9,9 @@ from lightning import Trainer
 
 from lightning_rlhf import packing
 from lightning_rlhf.functional import bradley_terry_loss
-from lightning_rlhf.models import LoraConfig, TinyModelConfig
+from lightning_rlhf.models import LoraConfig, TinyModelConfig, packed_classifier_scores
 from lightning_rlhf.pipeline_data import PreferenceDataModule
-from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule, packed_scores
+from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule
 from lightning_rlhf.rewards import RewardModelScorer
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -134,7 +134,7 @@ def packing_decoder(module):
 
 
 @pytest.mark.parametrize("architecture", ["llama", "llama-lora", "gpt2"])
-def test_packed_scores_and_gradients_equal_the_padded_ones(architecture, tmp_path):
+def test_packed_scoresand_gradients_equal_the_padded_ones(architecture, tmp_path):
     torch.manual_seed(0)
     config = RewardModelConfig(tiny=TINY)
     if architecture == "gpt2":  # another pooling implementation (GPT2ForSequenceClassification's own forward)
@@ -152,10 +152,10 @@ def test_packed_scores_and_gradients_equal_the_padded_ones(architecture, tmp_pat
     batch = rm_batch(module)
     padded_rows, padded_scores, padded_grads = loss_rows_and_gradients(module, batch)
     module.packing = True
-    packed_rows, packed_scores_, packed_grads = loss_rows_and_gradients(module, batch)
+    packed_rows, packed_scores, packed_grads = loss_rows_and_gradients(module, batch)
     assert padded_rows == 6
     assert packed_rows == 4  # the longest chosen and rejected rows alone, the four short ones in pairs
-    torch.testing.assert_close(packed_scores_, padded_scores)
+    torch.testing.assert_close(packed_scores, padded_scores)
     assert packed_grads.keys() == padded_grads.keys()
     assert len(packed_grads) > 0
     for name, grad in padded_grads.items():
@@ -173,7 +173,7 @@ def test_packing_names_the_field_for_a_model_it_cannot_pack(monkeypatch):
     assert packing_decoder(module) not in packing._verified
     del module.model.score  # a classifier whose head has another name
     with pytest.raises(ValueError, match=r"model\.packing: LlamaForSequenceClassification has no `score` head"):
-        packed_scores(module.model, batch["chosen_ids"], batch["chosen_mask"], "model.packing")
+        packed_classifier_scores(module.model, batch["chosen_ids"], batch["chosen_mask"], "model.packing")
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -209,6 +209,31 @@ def test_scorer_matches_manual_forward_and_ignores_batching(rm_path, byt5):
     assert expected.std() > 0  # the texts do get different scores
 
 
+def test_packed_scorer_matches_each_text_scored_alone_and_runs_fewer_rows(tmp_path, byt5):
+    path = _save_reward_model(tmp_path, byt5, pad_token_id=byt5.pad_token_id, num_labels=2)
+    texts = [p + r for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    scorer = RewardModelScorer(path, batch_size=16, label_index=1, packing=True)
+    scorer.setup(torch.device("cpu"))
+    rows = []  # rows of every decoder forward (the packing check's one-row probes come first)
+    scorer.model.model.embed_tokens.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    packed = scorer(PROMPTS, RESPONSES)
+    assert rows[-1] < len(texts)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=byt5(t, return_tensors="pt").input_ids).logits[0, 1] for t in texts])
+    assert_close(packed, alone)
+    scorer.packing = False
+    assert_close(packed, scorer(PROMPTS, RESPONSES))
+
+
+def test_packed_scorer_refuses_a_classifier_without_a_score_head(rm_path):
+    scorer = RewardModelScorer(rm_path, packing=True)
+    scorer.setup(torch.device("cpu"))
+    del scorer.model.score  # an encoder classifier's head is named otherwise (BERT: classifier)
+    with pytest.raises(ValueError, match=r"reward\.init_args\.packing: LlamaForSequenceClassification has no `score`"):
+        scorer(PROMPTS, RESPONSES)
+
+
 def test_scorer_is_frozen_and_not_a_module(rm_path):
     scorer = RewardModelScorer(rm_path)
     scorer.setup(torch.device("cpu"))
