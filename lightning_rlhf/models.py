@@ -148,10 +148,7 @@ def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
     else:
         option = "policy.tokenizer" if cfg.tokenizer else "policy.name_or_path"
         _check_local_path(name, option)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        except OSError as err:
-            raise OSError(f"Could not load the tokenizer {option}={name!r}: {err}") from err
+        tokenizer = load_pretrained_tokenizer(name, option, cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -160,6 +157,34 @@ def load_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
             )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    return tokenizer
+
+
+TOKENIZER_PROBE = "Hello, world"
+"""Text every loaded tokenizer must encode to at least one token (see :func:`load_pretrained_tokenizer`)."""
+
+
+def load_pretrained_tokenizer(name: str, option: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(name)``, checked to encode text; errors name the recipe field ``option``.
+
+    transformers 5 may load a model family's own tokenizer class instead of the one a directory's
+    ``tokenizer_config.json`` names (a Qwen2 model directory saved with another tokenizer loads as an empty
+    ``Qwen2Tokenizer``), which encodes every text to nothing; that is refused here instead of failing deep in a forward.
+
+    Raises:
+        OSError: it cannot be loaded.
+        ValueError: it encodes :data:`TOKENIZER_PROBE` to no tokens.
+    """
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise OSError(f"Could not load the tokenizer {option}={name!r}: {err}") from err
+    if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
+        raise ValueError(
+            f"The tokenizer {option}={name!r} loaded as {type(tokenizer).__name__}, which encodes text to no tokens "
+            f"(transformers may have preferred the model family's tokenizer class to the one saved there). Point "
+            f"{option} at a tokenizer that matches, or name the tokenizer separately."
+        )
     return tokenizer
 
 

@@ -47,6 +47,7 @@ from lightning_rlhf.models import (
     _enable_checkpointing,
     _naming_attn_implementation,
     build_tiny,
+    load_pretrained_tokenizer,
     packed_classifier_scores,
 )
 
@@ -95,10 +96,7 @@ def load_rm_tokenizer(cfg: RewardModelConfig) -> Any:
     if name == BYTE_TOKENIZER:
         tokenizer = transformers.ByT5Tokenizer()
     else:
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        except OSError as err:
-            raise OSError(f"Could not load the tokenizer {option}={name!r}: {err}") from err
+        tokenizer = load_pretrained_tokenizer(name, option, cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"The tokenizer {option}={name!r} has neither a pad nor an EOS token; add a pad token.")

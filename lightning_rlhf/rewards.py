@@ -258,9 +258,16 @@ class RewardModelScorer(Reward):
         if self.model is not None:
             self.model.to(device)
             return
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code)
+        from lightning_rlhf.models import load_pretrained_tokenizer
+
+        option = (
+            "reward.init_args.tokenizer"
+            if self.tokenizer_name_or_path != self.name_or_path
+            else "reward.init_args.name_or_path"
+        )
+        tok = load_pretrained_tokenizer(self.tokenizer_name_or_path, option, self.trust_remote_code)
         if tok.pad_token_id is None:
             if tok.eos_token is None:
                 raise ValueError(

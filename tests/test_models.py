@@ -340,3 +340,16 @@ def test_chunked_head_of_the_reference_refuses_grad(tokenizer, batch):
         logits = model(*batch, mode="ref", logits_mask=mask)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(whole[0], logits.sum(-1))
+
+
+def test_a_tokenizer_that_encodes_nothing_is_refused_naming_the_field(tmp_path):
+    # transformers 5.24 loads a Qwen2 directory's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json names;
+    # with ByT5's files there it has no vocabulary and encodes every text to nothing.
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, vocab_size=384)).save_pretrained(tmp_path)
+    transformers.ByT5Tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"policy\.name_or_path='.*' loaded as Qwen2Tokenizer, which encodes text to no"
+    ):
+        load_tokenizer(PolicyConfig(name_or_path=str(tmp_path)))
+    assert load_tokenizer(PolicyConfig(name_or_path=str(tmp_path), tokenizer="byte"))("ab")["input_ids"]

@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import transformers
 from torch import nn
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification, ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
@@ -232,6 +233,17 @@ def test_packed_scorer_refuses_a_classifier_without_a_score_head(rm_path):
     del scorer.model.score  # an encoder classifier's head is named otherwise (BERT: classifier)
     with pytest.raises(ValueError, match=r"reward\.init_args\.packing: LlamaForSequenceClassification has no `score`"):
         scorer(PROMPTS, RESPONSES)
+
+
+def test_scorer_refuses_a_tokenizer_that_encodes_nothing(tmp_path, byt5):
+    # A Qwen2 classifier saved with ByT5's files: transformers 5.24 loads an empty Qwen2Tokenizer from there.
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = transformers.Qwen2Config(**shape, vocab_size=384, num_labels=1, pad_token_id=0)
+    transformers.Qwen2ForSequenceClassification(config).save_pretrained(tmp_path)
+    byt5.save_pretrained(tmp_path)
+    scorer = RewardModelScorer(str(tmp_path))
+    with pytest.raises(ValueError, match=r"reward\.init_args\.name_or_path='.*' loaded as Qwen2Tokenizer"):
+        scorer.setup(torch.device("cpu"))
 
 
 def test_scorer_is_frozen_and_not_a_module(rm_path):
