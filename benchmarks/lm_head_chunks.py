@@ -118,13 +118,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         loss = float(objective.loss.detach())
         model.zero_grad(set_to_none=True)
     tokens = int(rollout.response_mask.sum())
+    peak = peak_mib(device)  # before the forward below (which holds no more than a training step's forward)
     return {
-        "saved_for_backward_mib": round(saved_for_backward_mib(model, rollout, ppo), 1),
         "chunk": args.variant,
         "seconds_median": round(statistics.median(seconds), 4),
         "loss": loss,
+        "saved_for_backward_mib": round(saved_for_backward_mib(model, rollout, ppo), 1),
         "memory_before_mib": round(before, 1),
-        "memory_peak_mib": round(peak_mib(device), 1),
+        "memory_peak_mib": round(peak, 1),
         "response_tokens": tokens,
         "whole_batch_logits_mib": round(tokens * vocab * 4 / 2**20, 1),
     }
