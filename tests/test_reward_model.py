@@ -134,7 +134,7 @@ def packing_decoder(module):
 
 
 @pytest.mark.parametrize("architecture", ["llama", "llama-lora", "gpt2"])
-def test_packed_scoresand_gradients_equal_the_padded_ones(architecture, tmp_path):
+def test_packed_scores_and_gradients_equal_the_padded_ones(architecture, tmp_path):
     torch.manual_seed(0)
     config = RewardModelConfig(tiny=TINY)
     if architecture == "gpt2":  # another pooling implementation (GPT2ForSequenceClassification's own forward)
