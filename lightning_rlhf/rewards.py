@@ -351,18 +351,17 @@ class RewardModelScorer(Reward):
             for j, i in enumerate(rows):  # right padding with the config's pad id: the head pools before it
                 input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
                 attention_mask[j, : len(ids[i])] = 1
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            if self.packing:
-                from lightning_rlhf.models import packed_classifier_scores
-
-                row_scores = packed_classifier_scores(
-                    self.model, input_ids, attention_mask, "reward.init_args.packing", self.label_index or 0
-                )
-            else:
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                row_scores = logits[:, self.label_index or 0].float()
-            scores[torch.tensor(rows, device=device)] = row_scores
+            scores[torch.tensor(rows, device=device)] = self._scores(input_ids.to(device), attention_mask.to(device))
         return scores
+
+    def _scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(N,) float32 logits of the scored class for right-padded rows, packed with ``packing``."""
+        label = self.label_index or 0
+        if not self.packing:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, label].float()
+        from lightning_rlhf.models import packed_classifier_scores  # transformers and peft load only when used
+
+        return packed_classifier_scores(self.model, input_ids, attention_mask, "reward.init_args.packing", label)
 
 
 def _word_list(words: Sequence[str]) -> frozenset[str]:
