@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer-batch-size", type=int, default=16, help="--stage scorer: texts per forward")
     add_model_arguments(parser)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--batch", type=int, default=16, help="examples (SFT) or pairs (rm) per batch")
+    parser.add_argument("--batch", type=int, default=16, help="examples (sft), pairs (rm) or texts (scorer) per batch")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="tokens")
     parser.add_argument("--max-response", type=int, default=128, help="longest response, tokens")
     parser.add_argument("--lengths", choices=DISTRIBUTIONS, nargs="+", default=list(DISTRIBUTIONS))
@@ -93,9 +93,11 @@ def make_batch(args: argparse.Namespace, distribution: str, vocab: int, rng: ran
         return [rng.randrange(FIRST_ID, vocab) for _ in range(count)]
 
     prompts = [tokens(rng.randint(*args.prompt_len)) for _ in range(args.batch)]
-    lengths = response_lengths(distribution, 2 * args.batch, args.max_response, rng)
-    if args.stage == "sft":
-        rows = [{"prompt_ids": p, "response_ids": tokens(n)} for p, n in zip(prompts, lengths, strict=False)]
+    lengths = response_lengths(distribution, 2 * args.batch, args.max_response, rng)  # two per pair
+    if args.stage == "sft":  # one response per example: the first B lengths
+        rows = [
+            {"prompt_ids": p, "response_ids": tokens(n)} for p, n in zip(prompts, lengths[: args.batch], strict=True)
+        ]
         return SFTCollator(pad_token_id=0)(rows)
     pairs = [
         {"chosen_ids": p + tokens(lengths[2 * i]), "rejected_ids": p + tokens(lengths[2 * i + 1])}
