@@ -118,7 +118,7 @@ class SeparatePolicyValue(nn.Module):
 
     ``mode="policy"`` runs the policy LM for the logits and the critic's own backbone for the values (two backbone
     forwards); ``mode="ref"`` runs the frozen reference copy; ``mode="generate"`` samples from the policy. Each backbone
-    forward reuses the package's decoder and ``lm_head`` helpers (``final_hidden``, ``lm_logits``), so a role costs
+    forward reuses the package's decoder and ``lm_head`` helpers (``final_hidden``, ``logits_or_head``), so a role costs
     exactly what it costs in the shared design and only the number of backbones differs.
     """
 
