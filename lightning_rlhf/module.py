@@ -17,6 +17,7 @@ Where this departs from the usual loop:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -406,7 +407,8 @@ class PPOModule(LightningModule):
         minibatch_stats = GlobalStats()
         if micro < len(minibatch):  # similar lengths in each micro-batch: less padding (the gradient sum is the same)
             minibatch = minibatch.select(minibatch.length_order())
-        for start in range(0, len(minibatch), micro):
+        starts = range(0, len(minibatch), micro)
+        for start in starts:
             part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
             # the gradient of the minibatch loss under either aggregation.
@@ -415,10 +417,18 @@ class PPOModule(LightningModule):
             else:
                 weight = torch.tensor(len(part) / len(minibatch), device=self.device)
             loss = self._loss(part, stats, minibatch_stats)
-            self.manual_backward(loss * weight)
+            # DDP all-reduces the gradient once per minibatch, after its last micro-batch (no_sync before: the sum is
+            # the same). FSDP2 reduce-scatters after each, which keeps its gradients sharded.
+            with contextlib.nullcontext() if start == starts[-1] else self._gradient_sync_blocked():
+                self.manual_backward(loss * weight)
         total_norm = self._grad_norm()
         minibatch_stats.add("policy/grad_norm", full_value(total_norm))
         return minibatch_stats.reduce(self._all_reduce_sum, self.device), total_norm
+
+    def _gradient_sync_blocked(self) -> contextlib.AbstractContextManager[None]:
+        """Backward passes inside accumulate gradients locally under DDP (``no_sync``); elsewhere a no-op."""
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else contextlib.nullcontext()
 
     def _apply_update(
         self, optimizer: Any, minibatch_stats: dict[str, float], total_norm: Tensor, stats: GlobalStats

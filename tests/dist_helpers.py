@@ -60,3 +60,25 @@ class DumpRankState(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {"scores": self._scores, "weights": weights, "world_size": trainer.world_size}
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
+
+
+class CountGradientSyncs(Callback):
+    """Counts DDP's gradient all-reduces (its comm hook runs once per bucket per synchronizing backward) and writes
+    ``rank{r}_syncs.pt`` at the end of fit."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.calls = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def count_then_all_reduce(state, bucket):
+            self.calls += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, count_then_all_reduce)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"calls": self.calls}, self.out_dir / f"rank{trainer.global_rank}_syncs.pt")

@@ -149,6 +149,23 @@ def test_packing_and_lm_head_chunks_match_the_padded_run_on_two_processes(runs, 
         assert_same_weights(ranks[0]["weights"], dumps(runs[padded_run], step)[0]["weights"])
 
 
+def test_ddp_all_reduces_the_gradient_once_per_minibatch_whatever_the_micro_batches(tmp_path):
+    # 2 rows per process in one minibatch: 1 micro-batch, or 2 of 1 row whose first backward must not all-reduce.
+    syncs, weights = {}, {}
+    for micro in (None, 1):
+        name = f"micro{micro}"
+        cfg = config(tmp_path / name, batch_size=2, max_steps=1)
+        cfg["model"]["init_args"]["ppo"]["micro_batch_size"] = micro
+        counter = {"class_path": "dist_helpers.CountGradientSyncs", "init_args": {"out_dir": str(tmp_path / name)}}
+        cfg["trainer"]["callbacks"].append(counter)
+        out = run_cli(tmp_path, name, cfg, *two_processes("ddp_rlhf"))
+        syncs[micro] = [torch.load(out / f"rank{r}_syncs.pt", weights_only=True)["calls"] for r in (0, 1)]
+        weights[micro] = dumps(out, 1)[0]["weights"]
+    assert syncs[None][0] > 0
+    assert syncs[1] == syncs[None]  # without no_sync the 2-micro-batch run would all-reduce twice as often
+    assert_same_weights(weights[1], weights[None])
+
+
 def test_fsdp2_resume_mid_epoch_continues_exactly(runs):
     assert not list(runs["resumed"].glob("rank*_step1.pt")), "the resumed run repeated step 1"
     for step in (2, 3):
