@@ -41,7 +41,8 @@ _EOS_PROBE = "a"
 
 
 class LeftPadCollator:
-    """Collate ``{"input_ids": list[int], "prompt": str}`` rows into a left-padded :class:`PromptDataModule` batch.
+    """Collate ``{"input_ids": list[int], "prompt": str, "index": int}`` rows into a left-padded
+    :class:`PromptDataModule` batch (a row without ``"index"`` gets none: the batch then has no ``prompt_index``).
 
     A top-level class rather than a closure so it pickles (worker processes, DDP spawn).
 
@@ -53,7 +54,9 @@ class LeftPadCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor | list[str]]:
-        """Returns ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool, "prompts": list[str]}``."""
+        """Returns ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool, "prompts": list[str],
+        "prompt_index": (B,) long}``: each row's index in the dataset names its responses' random streams
+        (:func:`lightning_rlhf.random_streams.response_keys`)."""
         width = max(len(r["input_ids"]) for r in rows)
         prompt_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, P)
         prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, P), True = real token
@@ -61,7 +64,10 @@ class LeftPadCollator:
             n = len(row["input_ids"])
             prompt_ids[b, width - n :] = torch.tensor(row["input_ids"], dtype=torch.long)
             prompt_mask[b, width - n :] = True
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompts": [r["prompt"] for r in rows]}
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompts": [r["prompt"] for r in rows]}
+        if all("index" in r for r in rows):
+            batch["prompt_index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        return batch
 
 
 class ResumableSampler(DistributedSampler):
@@ -113,7 +119,7 @@ class _PromptDataset(Dataset):
         return len(self.input_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[index], "prompt": self.texts[index]}
+        return {"input_ids": self.input_ids[index], "prompt": self.texts[index], "index": index}
 
 
 def _list_rows(rows: list[str]) -> str:
@@ -214,7 +220,8 @@ class PromptDataModule(LightningDataModule):
 
     Give exactly one of ``prompts`` or ``task``. All prompts are loaded, tokenized and checked in ``setup`` so a bad
     row fails before any training. Each batch is ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool (True =
-    real token), "prompts": list[str]}``, left-padded to the longest prompt of the batch.
+    real token), "prompts": list[str], "prompt_index": (B,) long}``, left-padded to the longest prompt of the batch;
+    ``prompt_index`` is each prompt's row in the data, which names its responses' random streams.
 
     Args:
         prompts: path of a .jsonl file (a "prompt" field per line: text or a list of chat messages) or a .txt file

@@ -16,8 +16,10 @@ Two engines ship:
   process must run the same number of forwards (FSDP: ``synced_gpus``).
 
 Both sample from ``softmax(logits / temperature)`` truncated by ``top_k`` then ``top_p`` (transformers' warpers, in
-transformers' order) and use the global torch RNG. With ``min_new_tokens`` the stop tokens are forbidden before that
-many tokens, as transformers does; like ``top_k`` and ``top_p``, that truncation is not in the logprobs.
+transformers' order), each response with its own random stream (:mod:`lightning_rlhf.random_streams`: the uniform of
+step t of row b is a hash of ``(keys[b], t)``, never the global RNG), so both engines draw the same tokens and a
+response does not depend on the batch it is sampled in. With ``min_new_tokens`` the stop tokens are forbidden before
+that many tokens, as transformers does; like ``top_k`` and ``top_p``, that truncation is not in the logprobs.
 
 :func:`merged_lora` merges a LoRA adapter into the base weights for the duration of generation (two small matmuls
 less per adapted layer and step) and restores the base weights bit for bit afterwards. Under autocast (``bf16-mixed``)
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from lightning_rlhf.models import PolicyValueModel, adapter_disabled
+from lightning_rlhf.random_streams import draw_tokens, response_uniforms
 
 ENGINES: tuple[str, ...] = ("cached", "hf")
 COMPACT_FRACTION = 0.25
@@ -59,7 +62,9 @@ class SamplingSettings(Protocol):
 class Engine(Protocol):
     """Samples one response per prompt; returns (B, T') long tokens, T' <= ``max_new_tokens``.
 
-    Anything after a row's first stop token is ignored by the caller (it may be padding or more tokens).
+    Anything after a row's first stop token is ignored by the caller (it may be padding or more tokens). ``keys``
+    (B,) int64 names each response's random stream (:func:`lightning_rlhf.random_streams.response_keys`); greedy
+    decoding ignores it.
     """
 
     def __call__(
@@ -70,6 +75,7 @@ class Engine(Protocol):
         settings: SamplingSettings,
         stop_token_ids: list[int],
         pad_token_id: int,
+        keys: Tensor,
     ) -> Tensor: ...
 
 
@@ -81,11 +87,27 @@ def hf_generate(
     settings: SamplingSettings,
     stop_token_ids: list[int],
     pad_token_id: int,
+    keys: Tensor,
     synced_gpus: bool = False,
 ) -> Tensor:
-    """``generate`` of transformers, called through ``model.forward`` (so sharded wrappers run their hooks)."""
+    """``generate`` of transformers, called through ``model.forward`` (so sharded wrappers run their hooks).
+
+    Sampling runs as a logits processor (:class:`KeyedSampler`) under greedy search: it draws each row's token from its
+    own stream and leaves only that token finite, so ``generate``'s argmax picks it.
+    """
     config = hf_generation_config(settings, stop_token_ids, pad_token_id)
-    sequences = model(prompt_ids, prompt_mask, mode="generate", generation_config=config, synced_gpus=synced_gpus)
+    processors = transformers.LogitsProcessorList()
+    if settings.do_sample:
+        uniforms = response_uniforms(keys.to(prompt_ids.device), settings.max_new_tokens)
+        processors.append(KeyedSampler(_warpers(settings), uniforms, prompt_ids.shape[1]))
+    sequences = model(
+        prompt_ids,
+        prompt_mask,
+        mode="generate",
+        generation_config=config,
+        logits_processor=processors,
+        synced_gpus=synced_gpus,
+    )
     return sequences[:, prompt_ids.shape[1] :]
 
 
@@ -97,6 +119,7 @@ def cached_decode(
     settings: SamplingSettings,
     stop_token_ids: list[int],
     pad_token_id: int,
+    keys: Tensor,
 ) -> Tensor:
     """Prefill, then one token per step; finished rows leave the batch (see the module docstring)."""
     causal_lm = model.lm.get_base_model() if isinstance(model.lm, peft.PeftModel) else model.lm
@@ -105,6 +128,7 @@ def cached_decode(
     device = prompt_ids.device
     stops = torch.tensor(stop_token_ids, device=device)
     warpers = _warpers(settings)
+    uniforms = response_uniforms(keys.to(device), max_new) if settings.do_sample else None  # (B, max_new) float64
     cache = _kv_cache(causal_lm.config, prompt_len + max_new)
     cache_arg = {_cache_argument(causal_lm): cache, "use_cache": True}
     attention = torch.zeros(batch, prompt_len + max_new, dtype=torch.long, device=device)
@@ -126,7 +150,7 @@ def cached_decode(
         scores = logits.float()
         if step < settings.min_new_tokens:
             scores = scores.index_fill(-1, stops, float("-inf"))
-        token = _sample(scores, warpers, settings.do_sample)  # (A,)
+        token = _sample(scores, warpers, None if uniforms is None else uniforms[rows, step])  # (A,)
         tokens[rows, step] = torch.where(finished, pad_token_id, token)
         finished = finished | torch.isin(token, stops)
         done = int(finished.sum())  # one host read per step; generate() makes the same one
@@ -163,26 +187,45 @@ def _warpers(settings: SamplingSettings) -> list[transformers.LogitsProcessor]:
     return warpers
 
 
-def _sample(scores: Tensor, warpers: list[transformers.LogitsProcessor], do_sample: bool) -> Tensor:
-    if not do_sample:
+def _sample(scores: Tensor, warpers: list[transformers.LogitsProcessor], uniforms: Tensor | None) -> Tensor:
+    """(A,) tokens of (A, V) float32 scores: the argmax without ``uniforms``, else a draw from the warped softmax."""
+    if uniforms is None:
         return scores.argmax(-1)
     for warper in warpers:
         scores = warper(None, scores)
-    return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(-1)
+    return draw_tokens(scores.softmax(-1), uniforms)
+
+
+class KeyedSampler(transformers.LogitsProcessor):
+    """``generate`` logits processor that samples each row from its own stream; only the drawn token stays finite.
+
+    Runs after ``generate``'s own processors (``min_new_tokens``), like the ``cached`` engine's mask, then applies the
+    same warpers and the same draw, so both engines sample the same tokens.
+
+    Args:
+        warpers: temperature, top-k, top-p (:func:`_warpers`).
+        uniforms: (B, max_new_tokens) float64, from :func:`lightning_rlhf.random_streams.response_uniforms`.
+        prompt_len: P, the prompt width: step t sees ``input_ids`` of width ``P + t``.
+    """
+
+    def __init__(self, warpers: list[transformers.LogitsProcessor], uniforms: Tensor, prompt_len: int) -> None:
+        self.warpers, self.uniforms, self.prompt_len = warpers, uniforms, prompt_len
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        token = _sample(scores.float(), self.warpers, self.uniforms[:, step])
+        drawn = torch.full_like(scores, float("-inf"))
+        return drawn.scatter(-1, token[:, None], 0.0)
 
 
 def hf_generation_config(
     settings: SamplingSettings, stop_token_ids: list[int], pad_token_id: int
 ) -> transformers.GenerationConfig:
-    """Every logits processor with a neutral value set to it, so the model's ``generation_config`` cannot interfere."""
-    # Greedy ignores the sampling warpers; leaving them unset avoids transformers' "unused flag" warnings.
-    sampling = {}
-    if settings.do_sample:
-        sampling = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p}
-        sampling |= {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+    """Greedy search with every logits processor at its neutral value, so the model's ``generation_config`` cannot
+    interfere; sampling itself is :class:`KeyedSampler`'s (temperature, top-k and top-p included)."""
     return transformers.GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
-        do_sample=settings.do_sample,
+        do_sample=False,
         eos_token_id=stop_token_ids,
         pad_token_id=pad_token_id,
         use_cache=True,
@@ -197,7 +240,6 @@ def hf_generation_config(
         renormalize_logits=False,
         remove_invalid_values=False,
         return_dict_in_generate=False,
-        **sampling,
     )
 
 

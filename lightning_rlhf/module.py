@@ -38,6 +38,7 @@ from lightning_rlhf.control import AdaptiveKLController, FixedKLController, Runn
 from lightning_rlhf.distributed import GlobalStats, full_value, fully_shard_policy, get_rng_state, set_rng_state
 from lightning_rlhf.loss import ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
+from lightning_rlhf.random_streams import response_keys
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
 from lightning_rlhf.rollout import GenerationConfig, generate_rollout
 from lightning_rlhf.types import Rollout, RolloutSamples
@@ -100,6 +101,9 @@ class PPOModule(LightningModule):
         )
         self.score_moments = RunningMoments()
         self.shuffle_generator = torch.Generator()
+        self.sampling_seed = torch.initial_seed()
+        """Seed of the responses' random streams (:func:`~lightning_rlhf.random_streams.response_keys`): the run's seed,
+        read again in ``setup`` (after ``seed_everything``) and restored from a checkpoint."""
         self._consecutive_skips = 0
         self._iteration_counted = False
         self._update_counts: dict[str, float] = {}
@@ -141,7 +145,9 @@ class PPOModule(LightningModule):
                 "PPOModule checks and clips the gradients itself before each step. Use --trainer.precision "
                 "bf16-mixed (or 32-true)."
             )
-        # Seeded before a checkpoint restore (which then overwrites it); distinct per rank.
+        # Seeded before a checkpoint restore (which then overwrites them); the shuffle is distinct per rank, the
+        # sampling streams are named by prompt (the same seed everywhere, see _rollout).
+        self.sampling_seed = torch.initial_seed()
         self.shuffle_generator.manual_seed(torch.initial_seed() % 2**62 + self.global_rank)
 
     def on_fit_start(self) -> None:
@@ -223,6 +229,9 @@ class PPOModule(LightningModule):
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
         assert self.model is not None
+        # One random stream per response, named by (seed, iteration, prompt): processes sample different responses
+        # because they hold different prompts, and a prompt's responses do not depend on the number of devices.
+        keys = response_keys(self.sampling_seed, self.global_step, self._prompt_index(batch))
         return generate_rollout(
             self.model,
             batch["prompt_ids"],
@@ -234,7 +243,16 @@ class PPOModule(LightningModule):
             synced_gpus=self.sharded,
             packing=self.ppo.packing,
             lm_head_chunk_size=self.ppo.lm_head_chunk_size,
+            sample_keys=keys,
         )
+
+    def _prompt_index(self, batch: dict[str, Any]) -> Tensor:
+        """(B,) each prompt's index in the data (``PromptDataModule`` batches carry it); without one, the rows are
+        numbered per process (``rank * B + row``), so responses then depend on the number of devices."""
+        if "prompt_index" in batch:
+            return batch["prompt_index"]
+        size = batch["prompt_ids"].shape[0]
+        return self.global_rank * size + torch.arange(size, device=batch["prompt_ids"].device)
 
     def decode_responses(self, rollout: Rollout) -> list[str]:
         """Response texts without the stop token and padding."""
@@ -530,7 +548,9 @@ class PPOModule(LightningModule):
             "kl_ctl": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(),
             "base_model": self._base_model_fingerprint(),
-            # Every process's random state (sampling, minibatch shuffling), so a resumed run continues exactly.
+            "sampling_seed": self.sampling_seed,
+            # Every process's random states (minibatch shuffling, the global generators), so a resumed run continues
+            # exactly; sampling needs only the seed and the step.
             "rng": self._gather_rng_states(),
         }
 
@@ -546,13 +566,14 @@ class PPOModule(LightningModule):
             )
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
+        self.sampling_seed = state.get("sampling_seed", self.sampling_seed)  # absent from older checkpoints
         rng, world_size = state["rng"], self.trainer.world_size if self._trainer is not None else 1
         if len(rng) == world_size:
             set_rng_state(rng[self.global_rank], self.shuffle_generator)
         else:
             rank_zero_warn(
                 f"The checkpoint holds random states of {len(rng)} processes, this run has {world_size}: "
-                "sampling continues from fresh random states, so the run is not an exact continuation."
+                "minibatch shuffling continues from fresh random states, so the run is not an exact continuation."
             )
 
     def _base_model_fingerprint(self) -> dict[str, Any]:

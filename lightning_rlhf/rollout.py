@@ -40,6 +40,7 @@ from lightning_rlhf.generation import (
 )
 from lightning_rlhf.models import PolicyValueModel
 from lightning_rlhf.modes import eval_mode
+from lightning_rlhf.random_streams import KEY_BITS
 from lightning_rlhf.types import Rollout, length_order, padding_extent
 
 _NO_NEUTRAL_VALUE: tuple[str, ...] = (
@@ -259,9 +260,13 @@ def _generate_and_score(
     synced_gpus: bool,
     packing: bool,
     lm_head_chunk_size: int | None,
+    sample_keys: Tensor,
 ) -> Rollout:
+    samples = sample_responses(
+        model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus, sample_keys
+    )
     response_ids, response_mask, ended = truncate_at_stop(
-        sample_responses(model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus),
+        samples,
         stop_token_ids,
         pad_token_id,
     )
@@ -303,6 +308,7 @@ def sample_responses(
     stop_token_ids: list[int],
     pad_token_id: int,
     synced_gpus: bool,
+    sample_keys: Tensor | None = None,
 ) -> Tensor:
     """Sample one response per prompt with ``generation.engine``; no scoring (see :func:`generate_rollout`).
 
@@ -310,7 +316,16 @@ def sample_responses(
     are cast once for the call with ``generation.cast_weights_once``; prompts go to the engine in
     chunks of ``generation.batch_size`` rows. Returns (B, T') long tokens, padded with ``pad_token_id`` to the
     longest chunk; anything after a row's first stop token is to be ignored (:func:`truncate_at_stop`).
+    ``sample_keys`` (B,) int64 names each response's random stream
+    (:func:`lightning_rlhf.random_streams.response_keys`); None draws keys from the global torch RNG.
     """
+    if sample_keys is None:
+        sample_keys = torch.randint(0, 2**KEY_BITS, (prompt_ids.shape[0],))
+    if sample_keys.shape != prompt_ids.shape[:1]:
+        raise ValueError(
+            f"sample_keys must be ({prompt_ids.shape[0]},), one per prompt; got {tuple(sample_keys.shape)}."
+        )
+    sample_keys = sample_keys.to(prompt_ids.device)
     engine = generation.engine if generation.engine != "auto" else ("hf" if synced_gpus else "cached")
     if engine == "cached" and synced_gpus:
         raise ValueError(
@@ -327,7 +342,8 @@ def sample_responses(
         autocast_weights_once(model.lm, prompt_ids.device.type) if cast else contextlib.nullcontext(),
     ):
         for rows in _micro_batches(prompt_ids.shape[0], generation.batch_size):
-            chunks.append(sample(model, prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id))
+            chunk = (prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id, sample_keys[rows])
+            chunks.append(sample(model, *chunk))
     width = max(chunk.shape[1] for chunk in chunks)
     return torch.cat([nn.functional.pad(chunk, (0, width - chunk.shape[1]), value=pad_token_id) for chunk in chunks])
 
@@ -344,6 +360,7 @@ def generate_rollout(
     synced_gpus: bool = False,
     packing: bool = False,
     lm_head_chunk_size: int | None = None,
+    sample_keys: Tensor | None = None,
 ) -> Rollout:
     """Sample one response per prompt and compute old logprobs, reference logprobs and values.
 
@@ -361,6 +378,8 @@ def generate_rollout(
         synced_gpus: keep generating until every rank is done (needed when parameters are sharded, e.g. FSDP).
         packing: score the rows packed (:mod:`lightning_rlhf.packing`), as ``ppo.packing`` does in the update.
         lm_head_chunk_size: score this many response tokens' logits at a time (``ppo.lm_head_chunk_size``).
+        sample_keys: (B,) int64, each response's random stream (:func:`lightning_rlhf.random_streams.response_keys`);
+            None draws them from the global torch RNG.
     Returns:
         A :class:`Rollout` with the first eight fields set.
     """
@@ -383,4 +402,5 @@ def generate_rollout(
             synced_gpus,
             packing,
             lm_head_chunk_size,
+            sample_keys,
         )

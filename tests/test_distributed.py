@@ -1,8 +1,9 @@
 """Multi-process PPO on CPU (gloo): DDP and FSDP2 through the real CLI, in subprocesses killed as a group on timeout.
 
-One process with a per-device batch of 4 and two processes with 2 each must see the same prompts, log the same
-global metrics and reach the same weights (greedy generation and SGD make the runs deterministic); FSDP2 must match
-DDP and resume from its own checkpoint to the weights of an uninterrupted run.
+One process with a per-device batch of 4 and two processes with 2 each must see the same prompts, sample the same
+responses (each response's random stream is named by its prompt, not by its process), log the same global metrics and
+reach the same weights (SGD); FSDP2 must match DDP, and both resume from their own checkpoints to the metrics and
+weights of an uninterrupted run. Processes given the same prompt text sample different responses.
 """
 
 import csv
@@ -42,7 +43,7 @@ def config(out_dir: Path, batch_size: int, max_steps: int, ckpt_dir: Path | None
             "init_args": {
                 "policy": {"tiny": {"hidden_size": 32, "intermediate_size": 64}},
                 "lora": {"r": 4, "modules_to_save": ["lm_head"]},
-                "generation": {"max_new_tokens": 6, "do_sample": False},
+                "generation": {"max_new_tokens": 6},
                 "ppo": {"ppo_epochs": 2, "num_minibatches": 1, "kl_coef": 0.05},
                 "reward": {"class_path": "lightning_rlhf.rewards.CharFractionReward"},
                 "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5, "momentum": 0.5}},
@@ -79,20 +80,14 @@ def two_processes(strategy: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    single = run_cli(tmp, "single", config(tmp / "single", batch_size=4, max_steps=2))
-    ddp = run_cli(tmp, "ddp", config(tmp / "ddp", batch_size=2, max_steps=2), *two_processes("ddp_rlhf"))
-    fsdp = run_cli(
-        tmp, "fsdp2", config(tmp / "fsdp2", batch_size=2, max_steps=3, ckpt_dir=tmp / "ckpt"), *two_processes("fsdp2")
-    )
-    ckpt = next((tmp / "ckpt").glob("*step=1.ckpt"))  # the middle of epoch 0 (2 batches per epoch)
-    resumed = run_cli(
-        tmp,
-        "resumed",
-        config(tmp / "resumed", batch_size=2, max_steps=3),
-        *two_processes("fsdp2"),
-        f"--ckpt_path={ckpt}",
-    )
-    return {"single": single, "ddp": ddp, "fsdp2": fsdp, "resumed": resumed}
+    out = {"single": run_cli(tmp, "single", config(tmp / "single", batch_size=4, max_steps=2))}
+    for name, strategy in (("ddp", "ddp_rlhf"), ("fsdp2", "fsdp2")):
+        cfg = config(tmp / name, batch_size=2, max_steps=3, ckpt_dir=tmp / f"{name}_ckpt")
+        out[name] = run_cli(tmp, name, cfg, *two_processes(strategy))
+        ckpt = next((tmp / f"{name}_ckpt").glob("*step=1.ckpt"))  # the middle of epoch 0 (2 batches per epoch)
+        cfg = config(tmp / f"{name}_resumed", batch_size=2, max_steps=3)
+        out[f"{name}_resumed"] = run_cli(tmp, f"{name}_resumed", cfg, *two_processes(strategy), f"--ckpt_path={ckpt}")
+    return out
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -114,15 +109,15 @@ def test_ddp_logs_global_means_and_keeps_ranks_identical(runs):
         torch.testing.assert_close(float(row["rollout/score"]), sum(scores) / len(scores))
 
 
-def test_one_process_and_two_processes_reach_the_same_weights(runs):
+def test_one_process_and_two_processes_sample_the_same_responses_and_reach_the_same_weights(runs):
     for step in (1, 2):
         (single,) = dumps(runs["single"], step)
-        ddp = dumps(runs["ddp"], step)[0]
-        assert sorted(single["scores"]) == pytest.approx(
-            sorted(s for d in dumps(runs["ddp"], step) for s in d["scores"])
-        )
-        assert_same_weights(single["weights"], ddp["weights"])
-    for a, b in zip(metrics(runs["single"]), metrics(runs["ddp"]), strict=True):
+        ddp = dumps(runs["ddp"], step)
+        assert sorted(single["responses"]) == sorted(r for d in ddp for r in d["responses"])
+        assert sorted(single["scores"]) == pytest.approx(sorted(s for d in ddp for s in d["scores"]))
+        assert_same_weights(single["weights"], ddp[0]["weights"])
+    assert len({r for step in (1, 2) for r in dumps(runs["single"], step)[0]["responses"]}) > 1  # sampled, not greedy
+    for a, b in zip(metrics(runs["single"]), metrics(runs["ddp"])[:2], strict=True):
         for key in ("rollout/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl"):
             # float32 values (computed in float32, written as text): compare at float32 tolerances
             torch.testing.assert_close(torch.tensor(float(a[key])), torch.tensor(float(b[key])), msg=key)
@@ -166,17 +161,34 @@ def test_ddp_all_reduces_the_gradient_once_per_minibatch_whatever_the_micro_batc
     assert_same_weights(weights[1], weights[None])
 
 
-def test_fsdp2_resume_mid_epoch_continues_exactly(runs):
-    assert not list(runs["resumed"].glob("rank*_step1.pt")), "the resumed run repeated step 1"
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_resume_mid_epoch_continues_exactly(runs, strategy):
+    straight_run, resumed_run = runs[strategy], runs[f"{strategy}_resumed"]
+    assert not list(resumed_run.glob("rank*_step1.pt")), "the resumed run repeated step 1"
     for step in (2, 3):
-        resumed, straight = dumps(runs["resumed"], step), dumps(runs["fsdp2"], step)
+        resumed, straight = dumps(resumed_run, step), dumps(straight_run, step)
         assert len(resumed) == 2
-        for rank in (0, 1):  # the same prompts on each rank as the uninterrupted run, and the same weights
+        for rank in (0, 1):  # the same prompts and responses on each rank as the uninterrupted run, the same weights
+            assert resumed[rank]["responses"] == straight[rank]["responses"]
             assert resumed[rank]["scores"] == straight[rank]["scores"]
         assert_same_weights(resumed[0]["weights"], straight[0]["weights"])
-    assert [r["rollout/score"] for r in metrics(runs["resumed"])] == [
-        r["rollout/score"] for r in metrics(runs["fsdp2"])[1:]
-    ]
+    # Every metric but the timings, written as text, step by step.
+    untimed = [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in metrics(resumed_run)]
+    assert untimed == [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in metrics(straight_run)[1:]]
+
+
+def test_processes_given_the_same_prompt_sample_different_responses(tmp_path):
+    # Every prompt the same text: before, both processes drew from the same random stream and wrote the same
+    # responses at every iteration.
+    prompt_file = tmp_path / "same.txt"
+    prompt_file.write_text("Say something: \n" * 4)
+    cfg = config(tmp_path / "same", batch_size=2, max_steps=2)
+    cfg["data"]["init_args"]["prompts"] = str(prompt_file)
+    out = run_cli(tmp_path, "same", cfg, *two_processes("ddp_rlhf"))
+    for step in (1, 2):
+        rank0, rank1 = dumps(out, step)
+        assert rank0["responses"] != rank1["responses"]
+        assert len(set(rank0["responses"] + rank1["responses"])) == 4
 
 
 def test_fsdp1_is_refused_with_a_pointer_to_fsdp2(tmp_path):

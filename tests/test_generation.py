@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_rlhf.generation import cached_decode, hf_generate, lora_merge_blocker, merged_lora
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, TinyModelConfig, build_policy
 from lightning_rlhf.models import load_tokenizer as _load_tokenizer
+from lightning_rlhf.random_streams import response_keys
 from lightning_rlhf.rollout import GenerationConfig, generate_rollout, sample_responses, truncate_at_stop
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -46,11 +47,15 @@ def build(tokenizer, lora: LoraConfig | None = None) -> PolicyValueModel:
     return model.eval()
 
 
-def sample(engine, model, prompts, stops, seed=0, **settings):
+def keys_of(seed: int, rows: int) -> torch.Tensor:
+    return response_keys(seed, 0, torch.arange(rows))
+
+
+def sample(engine, model, prompts, stops, seed=0, keys=None, **settings):
     config = GenerationConfig(**{"max_new_tokens": 8} | settings)
-    torch.manual_seed(seed)
+    keys = keys_of(seed, len(prompts[0])) if keys is None else keys
     with torch.no_grad():
-        tokens = ENGINES[engine](model, *prompts, config, stops, PAD)
+        tokens = ENGINES[engine](model, *prompts, config, stops, PAD, keys)
     return truncate_at_stop(tokens, stops, PAD)
 
 
@@ -76,7 +81,7 @@ def test_cached_engine_decodes_greedily_like_generate_with_rows_ending_early(tok
 
 
 def test_cached_engine_draws_the_same_samples_as_generate(tokenizer, prompts):
-    # Same distribution (temperature, then top-k, then top-p) and the same random draws from the global RNG.
+    # Same distribution (temperature, then top-k, then top-p) and the same draws from each response's stream.
     model = build(tokenizer)
     settings = {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9}
     for seed in range(3):
@@ -106,6 +111,27 @@ def test_finished_rows_cost_nothing(tokenizer, prompts):
 
 
 @pytest.mark.parametrize("engine", ["cached", "hf"])
+def test_a_response_depends_on_its_key_not_on_the_batch_it_is_sampled_in(tokenizer, prompts, engine):
+    # Rows sampled together (some finishing early, so the cached engine drops them midway) or one at a time, in
+    # another order, draw the same tokens: a response's stream is its key, whatever else the batch holds.
+    model = build(tokenizer)
+    stops = list(range(100, 200))  # a quarter of the near-uniform tiny model's vocabulary: rows end at various steps
+    keys = keys_of(7, 5)
+    together = sample(engine, model, prompts, stops, keys=keys, do_sample=True)
+    assert together[1].sum(-1).min() < together[1].sum(-1).max()
+    for row in (4, 2, 0, 3, 1):
+        alone = sample(engine, model, (prompts[0][[row]], prompts[1][[row]]), stops, keys=keys[[row]], do_sample=True)
+        length = int(together[1][row].sum())
+        assert torch.equal(alone[0][0, :length], together[0][row, :length])
+        assert int(alone[1][0].sum()) == length
+    # A global RNG draw between the calls changes nothing; another key changes the response.
+    torch.rand(1000)
+    assert_same_responses(together, sample(engine, model, prompts, stops, keys=keys, do_sample=True))
+    other = sample(engine, model, prompts, stops, keys=keys_of(8, 5), do_sample=True)
+    assert not torch.equal(other[0], together[0])
+
+
+@pytest.mark.parametrize("engine", ["cached", "hf"])
 def test_min_new_tokens_forbids_stop_tokens_before_it(tokenizer, prompts, engine):
     model = build(tokenizer)
     first = sample(engine, model, prompts, [NEVER], do_sample=False)[0][:, 0].unique().tolist()
@@ -128,14 +154,16 @@ def test_generation_chunks_give_the_whole_batch_result(tokenizer, prompts, engin
     model = build(tokenizer)
     stops = stops_that_end_rows_early(model, prompts)
 
-    def run(batch_size):
-        config = GenerationConfig(max_new_tokens=8, do_sample=False, engine=engine, batch_size=batch_size)
-        return generate_rollout(model, *prompts, config, eos_token_id=stops[0], pad_token_id=PAD)
+    def run(batch_size, do_sample):
+        config = GenerationConfig(max_new_tokens=8, do_sample=do_sample, engine=engine, batch_size=batch_size)
+        keys = keys_of(3, 5)
+        return generate_rollout(model, *prompts, config, eos_token_id=stops[0], pad_token_id=PAD, sample_keys=keys)
 
-    whole, chunked = run(None), run(2)
-    assert torch.equal(whole.response_ids, chunked.response_ids)
-    assert torch.equal(whole.response_mask, chunked.response_mask)
-    torch.testing.assert_close(whole.old_logprobs, chunked.old_logprobs)
+    for do_sample in (False, True):
+        whole, chunked = run(None, do_sample), run(2, do_sample)
+        assert torch.equal(whole.response_ids, chunked.response_ids)
+        assert torch.equal(whole.response_mask, chunked.response_mask)
+        torch.testing.assert_close(whole.old_logprobs, chunked.old_logprobs)
 
 
 def test_merged_lora_restores_the_base_weights_bit_for_bit(tokenizer):
@@ -250,7 +278,7 @@ def test_sampling_under_autocast_casts_each_weight_once(tokenizer, prompts, lora
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)  # as Lightning's bf16-mixed plugin
     with torch.no_grad(), autocast:
         with _WeightCasts(model.lm.named_parameters()) as every_step, merged_lora(model.lm) if lora else nullcontext():
-            expected = cached_decode(model, *prompts, config, [NEVER], PAD)
+            expected = cached_decode(model, *prompts, config, [NEVER], PAD, keys_of(0, 5))
         with _WeightCasts(model.lm.named_parameters()) as once:
             tokens = sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False)
     assert torch.equal(tokens, expected)
