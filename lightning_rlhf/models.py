@@ -17,6 +17,10 @@ Where this departs from the usual HF usage:
   lost. Gemma-style ``final_logit_softcapping`` is re-applied here; for everything else ``build_policy`` compares this
   path with the model's own forward on a few tokens and refuses a model whose logits differ (Cohere's
   ``logit_scale``, Granite's ``logits_scaling``, ...) rather than silently train on different logprobs.
+- **No dropout.** ``build_policy`` turns every dropout off (``nn.Dropout`` modules, LoRA's included, and the dropout
+  probabilities in the model's config and modules), as TRL does for PPO: the old logprobs come from an eval-mode
+  forward and the update's from a training-mode one, so with dropout the ratio would not be 1 at pi == pi_old. A model
+  that still differs between the two modes afterwards is refused. SFT and reward-model training keep their dropout.
 - **Generation defaults.** ``build_policy`` replaces the checkpoint's ``generation_config`` by one that holds only the
   special token ids: rollouts are configured by :class:`lightning_rlhf.rollout.GenerationConfig` alone, so a
   checkpoint's ``top_k`` or ``repetition_penalty`` can never make the sampling distribution differ from the one
@@ -311,6 +315,67 @@ def _attach_lora(lm: nn.Module, lora: LoraConfig) -> peft.PeftModel:
         ) from err
 
 
+DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _is_dropout_name(name: str) -> bool:
+    # transformers names dropout probabilities "*dropout*" (attention_dropout, hidden_dropout_prob, lora_dropout) or
+    # "*pdrop" (GPT-2: resid_pdrop, embd_pdrop, attn_pdrop).
+    return "dropout" in name or name.endswith("pdrop")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn off every dropout of ``model``, in training mode as in eval mode; returns ``model``.
+
+    Sets ``p = 0`` on every dropout module (LoRA's ``lora_dropout`` included), and 0 on every float attribute of a
+    module or a ``transformers`` config whose name says dropout: attention kernels read those probabilities directly
+    (``LlamaAttention.attention_dropout``), not through a module.
+    """
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and _is_dropout_name(name):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if isinstance(config, transformers.PretrainedConfig):
+            for part in {id(c): c for c in (config, config.get_text_config())}.values():
+                for name, value in part.to_dict().items():
+                    if isinstance(value, float) and _is_dropout_name(name):
+                        setattr(part, name, 0.0)
+    return model
+
+
+def check_dropout_off(model: nn.Module, option: str = "policy.name_or_path") -> None:
+    """Refuse a model whose outputs on a few tokens differ between training and eval mode (dropout left on).
+
+    Raises:
+        NotImplementedError: naming ``option``; PPO's ratio would not be 1 where the policy has not moved.
+    """
+    text = unwrap_peft(model).config.get_text_config()
+    input_ids = torch.arange(4, device=next(model.parameters()).device).remainder(text.vocab_size)[None]  # (1, 4)
+    attention_mask = torch.ones_like(input_ids)
+    outputs = []
+    with torch.no_grad():
+        for training in (False, True):
+            with eval_mode(model):
+                model.train(training)
+                outputs.append(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
+    if not torch.equal(*outputs):
+        raise NotImplementedError(
+            f"{type(unwrap_peft(model)).__name__} gives other outputs in training mode than in eval mode after its "
+            f"dropout was turned off (max difference {(outputs[0] - outputs[1]).abs().max().item():.3g}), so PPO's "
+            f"ratio would not be 1 before the policy moves; choose another {option}."
+        )
+
+
 def _enable_checkpointing(lm: nn.Module) -> None:
     """Non-reentrant activation checkpointing on every decoder layer.
 
@@ -333,10 +398,13 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedToken
         tokenizer: from :func:`load_tokenizer`; sets the tiny model's vocabulary size and special token ids.
     Returns:
         A :class:`PolicyValueModel` whose trainable parameters are the adapter (plus ``lora.modules_to_save``) and the
-        value head, or every LM weight and the value head with full fine-tuning.
+        value head, or every LM weight and the value head with full fine-tuning; every dropout off
+        (:func:`disable_dropout`).
     Raises:
         ValueError: an invalid ``policy.dtype`` or ``lora.target_modules`` that match nothing.
         FileNotFoundError: ``policy.name_or_path`` is a local path that does not exist.
+        NotImplementedError: the model's logits need post-processing this forward does not do, or it still behaves
+            differently in training mode with its dropout off.
     """
     dtype = _check_dtype(cfg.dtype)
     lm = _tiny_llama(cfg, tokenizer, dtype) if cfg.name_or_path is None else _pretrained(cfg, dtype)
@@ -348,9 +416,11 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedToken
     if cfg.gradient_checkpointing:
         _enable_checkpointing(lm)
     if lora.enabled:
-        policy = PolicyValueModel(_attach_lora(lm, lora))
+        peft_lm = disable_dropout(_attach_lora(lm, lora))
         lm.disable_input_require_grads()  # peft adds the hook again when checkpointing is on
-        return policy
+        check_dropout_off(peft_lm)
+        return PolicyValueModel(peft_lm)
+    check_dropout_off(disable_dropout(lm))
     ref_lm = copy.deepcopy(lm)
     lm.requires_grad_(True)
     return PolicyValueModel(lm, ref_lm=ref_lm)

@@ -249,7 +249,7 @@ class RewardModelScorer(Reward):
         return {**self.__dict__, "model": None, "tokenizer": None}
 
     def setup(self, device: torch.device) -> None:
-        """Load the tokenizer and the frozen model (eval mode, no gradients) onto ``device``; idempotent.
+        """Load the tokenizer and the frozen model (eval mode, dropout off, no gradients) onto ``device``; idempotent.
 
         Raises:
             ValueError: if the model does not have exactly one label, no pad or EOS token exists, or
@@ -260,7 +260,7 @@ class RewardModelScorer(Reward):
             return
         from transformers import AutoModelForSequenceClassification
 
-        from lightning_rlhf.models import load_pretrained_tokenizer
+        from lightning_rlhf.models import disable_dropout, load_pretrained_tokenizer
 
         option = (
             "reward.init_args.tokenizer"
@@ -299,7 +299,8 @@ class RewardModelScorer(Reward):
             # Without it the head pools at the last column, i.e. at padding for all but the longest text.
             text_config.pad_token_id = model.config.pad_token_id = tok.pad_token_id
         model.requires_grad_(False)
-        self.model, self.tokenizer = model.eval().to(device), tok
+        # Eval mode, and no dropout even if something puts the model back in training mode.
+        self.model, self.tokenizer = disable_dropout(model).eval().to(device), tok
 
     def _encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         tok = self.tokenizer

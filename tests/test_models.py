@@ -353,3 +353,35 @@ def test_a_tokenizer_that_encodes_nothing_is_refused_naming_the_field(tmp_path):
     ):
         load_tokenizer(PolicyConfig(name_or_path=str(tmp_path)))
     assert load_tokenizer(PolicyConfig(name_or_path=str(tmp_path), tokenizer="byte"))("ab")["input_ids"]
+
+
+def test_dropout_is_turned_off_in_modules_and_configs_or_the_model_is_refused(tokenizer, batch):
+    # GPT-2's config carries 0.1 dropouts, read by nn.Dropout modules; Llama's attention reads its config's
+    # attention_dropout directly. Both must give the same outputs in training and eval mode once disabled.
+    from lightning_rlhf.models import check_dropout_off, disable_dropout
+
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=64)
+    ).train()
+    with pytest.raises(NotImplementedError, match="training mode than in eval mode"):
+        check_dropout_off(gpt2)
+    check_dropout_off(disable_dropout(gpt2))
+    assert gpt2.config.resid_pdrop == gpt2.config.attn_pdrop == gpt2.config.embd_pdrop == 0.0
+    assert gpt2.training  # only the probabilities changed, not the mode
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=len(tokenizer),
+            attention_dropout=0.5,
+        )
+    )
+    assert llama.model.layers[0].self_attn.attention_dropout == 0.5
+    with pytest.raises(NotImplementedError, match="training mode"):  # no nn.Dropout module: the attention's own float
+        check_dropout_off(llama)
+    disable_dropout(llama)
+    assert llama.model.layers[0].self_attn.attention_dropout == 0.0
+    assert llama.config.attention_dropout == 0.0
+    check_dropout_off(llama)

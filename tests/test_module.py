@@ -163,6 +163,61 @@ def test_full_finetuning_keeps_reference_frozen():
     assert any(not torch.equal(p, lm_before[n]) for n, p in module.model.lm.named_parameters())
 
 
+class UpdateStats(Callback):
+    """Each iteration's update statistics, as logged."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        self.rows.append({k: float(metrics[k]) for k in ("policy/approx_kl", "policy/ratio_mean", "policy/clipfrac")})
+
+
+def gpt2_with_dropout(tmp_path) -> PolicyConfig:
+    """A tiny GPT-2 saved in training mode with its config's 0.1 dropouts (residual, embedding, attention)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=384, n_positions=64)
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1
+    transformers.GPT2LMHeadModel(config).train().save_pretrained(tmp_path / "gpt2")
+    return PolicyConfig(name_or_path=str(tmp_path / "gpt2"), tokenizer="byte")
+
+
+@pytest.mark.parametrize(
+    ("policy", "lora"),
+    [("tiny", LoraConfig(r=4, dropout=0.1, modules_to_save=["lm_head"])), ("gpt2", LoraConfig(enabled=False))],
+    ids=["lora-dropout", "gpt2-config-dropout"],
+)
+def test_the_ratio_is_one_before_the_policy_moves_whatever_the_dropout(tmp_path, policy, lora):
+    # One epoch of one minibatch: the update's forward runs before any optimizer step, at pi == pi_old. The rollout's
+    # forward is in eval mode and the update's in training mode, so any dropout left on shows as a ratio != 1 (a LoRA
+    # dropout of 0.1 gave approx_kl 1e-6 to 4e-6 here; GPT-2's config dropouts ratios up to 1.25).
+    stats = UpdateStats()
+    module = make_module(
+        policy=TINY if policy == "tiny" else gpt2_with_dropout(tmp_path),
+        lora=lora,
+        ppo=PPOConfig(ppo_epochs=1, num_minibatches=1),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    trainer = Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[stats],
+    )
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    assert len(stats.rows) == 4
+    for row in stats.rows:
+        assert row["policy/approx_kl"] < 1e-10, row
+        assert abs(row["policy/ratio_mean"] - 1) < 1e-6, row
+        assert row["policy/clipfrac"] == 0.0, row
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 class ConstantReward(Reward):
     def __init__(self, value):
         self.value = value
