@@ -90,8 +90,9 @@ class PolicyConfig:
     """Tokenizer hub id or directory; None means the same as ``name_or_path``, or ``"byte"`` when that is None.
     ``"byte"`` selects ``transformers.ByT5Tokenizer()``, which needs no files."""
     dtype: str = "float32"
-    """Parameter dtype of the language model: ``"float32"``, ``"bfloat16"`` or ``"float16"``. The value head is
-    always float32."""
+    """Dtype of the language model's frozen weights: ``"float32"``, ``"bfloat16"`` or ``"float16"``. Trained weights
+    (LoRA, ``lora.modules_to_save``, the value head; every LM weight with full fine-tuning) are always float32 master
+    weights, so small optimizer steps are not rounded away."""
     trust_remote_code: bool = False
     """Allow model and tokenizer code from the checkpoint's repository to run."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -398,8 +399,8 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedToken
         tokenizer: from :func:`load_tokenizer`; sets the tiny model's vocabulary size and special token ids.
     Returns:
         A :class:`PolicyValueModel` whose trainable parameters are the adapter (plus ``lora.modules_to_save``) and the
-        value head, or every LM weight and the value head with full fine-tuning; every dropout off
-        (:func:`disable_dropout`).
+        value head, or every LM weight and the value head with full fine-tuning, all in float32 whatever
+        ``policy.dtype`` (:func:`cast_weights`); every dropout off (:func:`disable_dropout`).
     Raises:
         ValueError: an invalid ``policy.dtype`` or ``lora.target_modules`` that match nothing.
         FileNotFoundError: ``policy.name_or_path`` is a local path that does not exist.
@@ -419,11 +420,55 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedToken
         peft_lm = disable_dropout(_attach_lora(lm, lora))
         lm.disable_input_require_grads()  # peft adds the hook again when checkpointing is on
         check_dropout_off(peft_lm)
-        return PolicyValueModel(peft_lm)
+        return cast_weights(PolicyValueModel(peft_lm))
     check_dropout_off(disable_dropout(lm))
     ref_lm = copy.deepcopy(lm)
     lm.requires_grad_(True)
-    return PolicyValueModel(lm, ref_lm=ref_lm)
+    return cast_weights(PolicyValueModel(lm, ref_lm=ref_lm))
+
+
+def cast_weights(model: nn.Module, frozen_dtype: torch.dtype | None = None) -> nn.Module:
+    """Every trainable parameter in float32, and with ``frozen_dtype`` every frozen floating parameter in it.
+
+    A trained weight stored in bfloat16 loses every optimizer step smaller than half its rounding step (with AdamW at
+    lr 1e-5 most LoRA elements never moved), so trained weights are float32 master weights whatever the frozen base is
+    stored in (``policy.dtype``, ``precision: bf16-true``): the base stays in half precision, the adapter computes in
+    float32 (peft casts its input and result), and a full copy trained next to a frozen original
+    (``lora.modules_to_save``) gets its input cast to float32 and its output back to the original's dtype
+    (:class:`CastAround`). Buffers keep their dtype, as ``from_pretrained(dtype=...)`` leaves them (rotary
+    frequencies stay float32). Casts only what differs, so it can run again on a sharded model. Returns ``model``.
+    """
+    for param in model.parameters():
+        target = torch.float32 if param.requires_grad else frozen_dtype
+        if target is not None and param.is_floating_point() and param.dtype != target:
+            param.data = param.data.to(target)
+    for wrapper in model.modules():
+        if isinstance(wrapper, peft.utils.ModulesToSaveWrapper):
+            for trained in wrapper.modules_to_save.values():
+                if getattr(trained, "cast_around", None) is None:  # hooked once, however often this runs
+                    trained.cast_around = CastAround(wrapper.original_module)
+                    trained.register_forward_pre_hook(trained.cast_around)
+                    trained.register_forward_hook(trained.cast_around.output)
+    return model
+
+
+class CastAround:
+    """Hooks of a float32 module trained in place of a frozen ``original`` of another dtype: floating inputs are cast
+    to the module's own dtype, floating outputs to the original's, so its neighbours see the dtype they expect.
+
+    A top-level class (not a closure), so a model holding it pickles.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        self.original = original
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        dtype = next(module.parameters()).dtype
+        return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+    def output(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        dtype = next(self.original.parameters()).dtype
+        return out.to(dtype) if isinstance(out, Tensor) and out.is_floating_point() else out
 
 
 class PolicyValueModel(nn.Module):

@@ -37,7 +37,8 @@ from lightning_rlhf.config import SCORE_NORM_EPS, PPOConfig, as_config, default_
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
 from lightning_rlhf.distributed import GlobalStats, full_value, fully_shard_policy, get_rng_state, set_rng_state
 from lightning_rlhf.loss import ppo_objective
-from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, load_tokenizer
+from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, cast_weights, load_tokenizer
+from lightning_rlhf.precision import keep_trained_weights_float32
 from lightning_rlhf.random_streams import response_keys
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
 from lightning_rlhf.rollout import GenerationConfig, generate_rollout
@@ -94,6 +95,8 @@ class PPOModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.tokenizer = load_tokenizer(self.policy_config)
         self.model: PolicyValueModel | None = None
+        self.frozen_dtype: torch.dtype | None = None
+        """The frozen weights' dtype under ``precision: bf16-true`` / ``16-true`` (set in ``setup``); None otherwise."""
         self.kl_ctl: FixedKLController | AdaptiveKLController = (
             FixedKLController(self.ppo.kl_coef)
             if self.ppo.target_kl is None
@@ -114,7 +117,8 @@ class PPOModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = build_policy(self.policy_config, self.lora_config, self.tokenizer)
+        # Frozen weights in half precision under bf16-true before FSDP2 shards them; trained weights stay float32.
+        self.model = cast_weights(build_policy(self.policy_config, self.lora_config, self.tokenizer), self.frozen_dtype)
         if self.device_mesh is not None:  # ModelParallelStrategy / fsdp2: shard with FSDP2 over data-parallel ranks
             fully_shard_policy(self.model, self.device_mesh["data_parallel"])
 
@@ -144,6 +148,14 @@ class PPOModule(LightningModule):
                 f"--trainer.precision {self.trainer.precision} (float16 with a gradient scaler) is not supported: "
                 "PPOModule checks and clips the gradients itself before each step. Use --trainer.precision "
                 "bf16-mixed (or 32-true)."
+            )
+        self.frozen_dtype = keep_trained_weights_float32(self.trainer)
+        if self.frozen_dtype is not None and not self.lora_config.enabled:
+            rank_zero_warn(
+                f"--trainer.precision {self.trainer.precision} with full fine-tuning: every LM weight trains, so it is "
+                "kept in float32 (a half-precision weight loses small optimizer steps) and the policy computes in "
+                "float32; only the frozen reference copy is in half precision. Use --trainer.precision bf16-mixed "
+                "to compute in bfloat16 with float32 weights."
             )
         # Seeded before a checkpoint restore (which then overwrites them); the shuffle is distinct per rank, the
         # sampling streams are named by prompt (the same seed everywhere, see _rollout).

@@ -56,15 +56,18 @@ class DumpRankState(Callback):
         self._responses = list(samples.responses)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        weights = {}
+        weights, frozen_dtypes = {}, set()
         for name, p in module.named_parameters():
             if p.requires_grad:  # full_tensor() is a collective: every rank runs it for every parameter
                 weights[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            else:
+                frozen_dtypes.add(str(p.dtype))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "scores": self._scores,
             "responses": self._responses,
             "weights": weights,
+            "frozen_dtypes": sorted(frozen_dtypes),
             "world_size": trainer.world_size,
         }
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")

@@ -227,20 +227,25 @@ def test_fsdp2_resumes_with_an_optimizer_that_keeps_no_state(tmp_path):
         assert_same_weights(a["weights"], b["weights"])
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_fsdp2_trains_bf16_weights_beside_the_float32_value_head(tmp_path, lora):
-    # policy.dtype bfloat16 keeps the value head float32; FSDP2 refuses mixed dtypes among a unit's trainable
-    # parameters, so the head must be a unit of its own (it shared the root with the bf16 embeddings / lm_head).
+@pytest.mark.parametrize(
+    ("lora", "half"),
+    [(True, "policy.dtype"), (False, "policy.dtype"), (True, "bf16-true")],
+    ids=["lora-dtype", "full-dtype", "lora-bf16-true"],
+)
+def test_fsdp2_trains_float32_weights_beside_a_bf16_frozen_base(tmp_path, lora, half):
+    # A bfloat16 base (policy.dtype, or precision bf16-true) with float32 trained weights: FSDP2 shards units that mix
+    # both (LoRA layers), and the trained weights of every unit (value head, lm_head copy, LoRA) stay float32.
     cfg = config(tmp_path / "run", batch_size=2, max_steps=2)
-    cfg["model"]["init_args"]["policy"]["dtype"] = "bfloat16"
+    if half == "policy.dtype":
+        cfg["model"]["init_args"]["policy"]["dtype"] = "bfloat16"
+    else:
+        cfg["trainer"]["precision"] = "bf16-true"
     if not lora:
         cfg["model"]["init_args"]["lora"] = {"enabled": False}
     out = run_cli(tmp_path, "run", cfg, *two_processes("fsdp2"))
-    step1, step2 = dumps(out, 1)[0]["weights"], dumps(out, 2)[0]["weights"]
-    assert {name for name, w in step2.items() if w.dtype == torch.float32 and "lora_" not in name} == {
-        "model.value_head.weight",
-        "model.value_head.bias",
-    }
-    assert any(w.dtype == torch.bfloat16 for w in step2.values())  # full: the LM; LoRA: the trained lm_head copy
-    assert not all(torch.equal(step1[name], step2[name]) for name in step2)
+    step1, step2 = dumps(out, 1)[0], dumps(out, 2)[0]
+    assert {w.dtype for w in step2["weights"].values()} == {torch.float32}
+    assert step2["frozen_dtypes"] == ["torch.bfloat16"]  # LoRA: the base; full: the reference copy
+    assert any("value_head" in name for name in step2["weights"])
+    assert not all(torch.equal(step1["weights"][name], step2["weights"][name]) for name in step2["weights"])
     assert all(math.isfinite(float(row["loss/total"])) for row in metrics(out))

@@ -12,6 +12,7 @@ LIGHTNING_FACING = {
     "cli.py",
     "callbacks.py",
     "strategies.py",
+    "precision.py",
     "sft.py",
     "reward_model.py",
     "pipeline_data.py",

@@ -641,22 +641,45 @@ def test_bf16_mixed_precision_runs_the_model_in_bf16_and_keeps_float32_weights()
         assert math.isfinite(float(metrics[name])), name
 
 
-def test_bf16_true_precision_trains_with_every_weight_in_bf16():
-    # precision: bf16-true (the Qwen recipe's) converts the whole module, value head included, to bf16: the value head
-    # must take the hidden state in its own dtype, and the values still come out float32 for the PPO math.
-    module = make_module()
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]], ids=["lora", "lora+lm_head"])
+def test_bf16_true_keeps_the_trained_weights_float32_so_small_steps_are_not_lost(modules_to_save):
+    # precision: bf16-true (the Qwen recipe's) with AdamW at lr 1e-5: cast to bfloat16, only 74 of 8,192 LoRA A
+    # elements moved in 4 iterations x 4 steps (a step below half a bfloat16 rounding step is lost). The trained
+    # weights must stay float32 masters while the frozen base is bfloat16.
+    module = make_module(
+        lora=LoraConfig(r=4, alpha=8, modules_to_save=modules_to_save),
+        ppo=PPOConfig(ppo_epochs=4, num_minibatches=1),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5),
+    )
     module.configure_model()
-    values = []
-    module.model.value_head.register_forward_hook(lambda m, a, out: values.append(out.dtype))
-    trainer = Trainer(max_steps=1, accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False)
+    before = snapshot(module)
+    trainer = Trainer(max_steps=4, accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False)
     trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
-    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
-    assert set(values) == {torch.bfloat16}
+    after = snapshot(module)
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert {after[n].dtype for n in trained} == {torch.float32}
+    assert {p.dtype for n, p in module.named_parameters() if n not in trained} == {torch.bfloat16}
+    for group in ("lora_A", "value_head", *(["modules_to_save"] if modules_to_save else [])):
+        names = [n for n in trained if group in n]
+        moved = sum(int((after[n] != before[n].to(after[n].dtype)).sum()) for n in names)
+        total = sum(after[n].numel() for n in names)
+        assert moved > 0.9 * total, f"{group}: {moved} of {total} elements moved"
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
-        _, out = module.model(ids, torch.ones_like(ids, dtype=torch.bool), mode="policy")
-    assert out.dtype == torch.float32
+        logits, values = module.model(ids, torch.ones_like(ids, dtype=torch.bool), mode="policy")
+    assert values.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16  # the trained lm_head copy hands back the frozen model's dtype
     metrics = trainer.logged_metrics
     assert float(metrics["policy/updates"]) == module.ppo.ppo_epochs * module.ppo.num_minibatches
     for name in ("loss/total", "loss/value", "value/explained_var", "objective/kl", "policy/grad_norm"):
         assert math.isfinite(float(metrics[name])), name
+
+
+def test_bf16_true_with_full_fine_tuning_trains_float32_weights_and_says_so():
+    module = make_module(lora=LoraConfig(enabled=False))
+    trainer = Trainer(max_steps=1, accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="full fine-tuning: every LM weight trains"):
+        trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    assert {p.dtype for p in module.model.lm.parameters()} == {torch.float32}
+    assert {p.dtype for p in module.model.ref_lm.parameters()} == {torch.bfloat16}
+    assert math.isfinite(float(trainer.logged_metrics["loss/total"]))
