@@ -65,6 +65,40 @@ def test_quickstart_fit_writes_metrics_and_config(tmp_path, monkeypatch):
     assert (run_dirs[0].parent / "config.yaml").exists()
 
 
+def test_default_root_dir_holds_metrics_config_and_checkpoints(tmp_path, monkeypatch):
+    # Lightning users send a run elsewhere with --trainer.default_root_dir (a job directory, one root per sweep run);
+    # the CLI's default logger wrote to ./runs whatever it said.
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "job" / "root"
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            *TINY_OVERRIDES,
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    run = root / "ppo" / "version_0"
+    assert (run / "metrics.csv").is_file()
+    assert (run / "config.yaml").is_file()
+    assert list((run / "checkpoints").glob("*.ckpt"))
+    assert not (tmp_path / "runs").exists()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == str(root)
+
+
+def test_an_explicit_logger_save_dir_wins_over_default_root_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        f"--trainer.default_root_dir={tmp_path / 'root'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+    ]
+    main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), *TINY_OVERRIDES, *args])
+    assert (tmp_path / "logs" / "ppo" / "version_0" / "metrics.csv").is_file()
+    assert not (tmp_path / "root" / "ppo").exists()
+
+
 def test_custom_reward_subclass_from_class_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = {
