@@ -8,6 +8,7 @@ resolved ``config.yaml`` and the ``checkpoints/``; the root is ``--trainer.defau
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from jsonargparse import Namespace, set_parsing_settings
@@ -62,6 +63,45 @@ class RLHFCLI(LightningCLI):
 RUN_LOGGER = f"{RunCSVLogger.__module__}.{RunCSVLogger.__qualname__}"
 
 
+NULLS = frozenset({"null", "Null", "NULL", "~", "None"})
+"""Command-line values meaning None (YAML's nulls, and Python's spelling)."""
+SUBCLASS_GROUPS = ("model", "data")
+"""Top-level arguments given by ``class_path`` (subclass mode), whose nested fields a null cannot reach directly."""
+
+
+def null_flags_as_mappings(args: list[str]) -> list[str]:
+    """``--model.ppo.max_grad_norm null`` rewritten as ``--model.ppo={max_grad_norm: null}``, which jsonargparse parses.
+
+    jsonargparse (4.53) hands a nested field of a ``class_path`` argument down as ``--field=<str(value)>``, so a null
+    two or more levels below ``model`` or ``data`` arrives as the string ``"None"``: refused for a number (``Expected
+    a <class 'NoneType'>``) and taken literally for a string (``--model.reward.init_args.tokenizer null`` gave the
+    tokenizer ``"None"``). A mapping given one level below keeps its null and merges with the values already set, so
+    the flag is rewritten into that form; every other argument passes unchanged. Both ``--key=null`` and
+    ``--key null`` are recognised.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, equals, value = arg.partition("=")
+        if not equals and i + 1 < len(args) and args[i + 1] in NULLS:
+            value, i = args[i + 1], i + 1
+        parts = key.removeprefix("--").split(".")
+        head = parts[:2] if parts[1:2] == ["init_args"] else parts[:1]  # model or model.init_args
+        below = parts[len(head) :]  # e.g. [ppo, max_grad_norm]
+        if key.startswith("--") and parts[0] in SUBCLASS_GROUPS and len(below) >= 2 and value in NULLS:
+            mapping = "null"
+            for name in reversed(below[1:]):
+                mapping = f"{{{name}: {mapping}}}"
+            out.append(f"--{'.'.join([*head, below[0]])}={mapping}")
+        elif not equals and value in NULLS:  # a space-separated null left as it is: both arguments again
+            out += [arg, value]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-rlhf`` console script (``args`` replaces ``sys.argv[1:]`` in tests)."""
     # The config dataclasses document each field in an attribute docstring; --help shows them.
@@ -78,7 +118,7 @@ def main(args: list[str] | None = None) -> None:
             "log_every_n_steps": 1,
             "plugins": [{"class_path": "lightning_rlhf.checkpointing.AtomicCheckpointIO"}],
         },
-        args=args,
+        args=null_flags_as_mappings(sys.argv[1:] if args is None else list(args)),
     )
 
 
