@@ -267,8 +267,8 @@ class PPOModule(LightningModule):
         return self.global_rank * size + torch.arange(size, device=batch["prompt_ids"].device)
 
     def decode_responses(self, rollout: Rollout) -> list[str]:
-        """Response texts without the stop token and padding."""
-        rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
+        """Response texts without the stop token (whether or not it is a special token) and padding."""
+        rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.text_mask(), strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def _score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples] | None:

@@ -108,6 +108,13 @@ class Rollout:
         """(B, P + T) bool, True for every real prompt or response token."""
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
+    def text_mask(self) -> Tensor:
+        """(B, T) bool, True for the response tokens that make its text: ``response_mask`` without the stop token
+        of a response that ``ended`` (a stop token need not be a special token that decoding would drop)."""
+        positions = torch.arange(self.response_mask.shape[1], device=self.response_mask.device)
+        stop = (positions == self.response_mask.sum(-1, keepdim=True) - 1) & self.ended[:, None]
+        return self.response_mask & ~stop
+
     def select(self, index: Tensor) -> Rollout:
         """Rows ``index`` (a 1-D long tensor) of every per-sequence field."""
         return self._map(lambda t: t[index])

@@ -218,6 +218,37 @@ def test_the_ratio_is_one_before_the_policy_moves_whatever_the_dropout(tmp_path,
     assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
 
 
+class RolloutSamplesCapture(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[int], bool, str]] = []
+
+    def on_rollout_end(self, trainer, module, rollout, samples) -> None:
+        rows = zip(rollout.response_ids.tolist(), rollout.ended.tolist(), samples.responses, strict=True)
+        self.seen += list(rows)
+
+
+def test_rewards_see_responses_without_a_stop_token_that_is_not_special():
+    # Lowercase letters (ByT5 ids 100-125) end responses as generation.stop_token_ids: not special tokens, so
+    # skip_special_tokens kept them in the text rewards and callbacks see.
+    stops = list(range(100, 126))
+    capture = RolloutSamplesCapture()
+    module = make_module(generation=GenerationConfig(max_new_tokens=8, stop_token_ids=stops))
+    trainer = Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[capture],
+    )
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    ended = [(ids, text) for ids, did_end, text in capture.seen if did_end]
+    assert ended, "no response ended on a stop token"
+    for ids, text in ended:
+        first_stop = next(i for i, token in enumerate(ids) if token in stops)
+        assert text == module.tokenizer.decode(ids[:first_stop], skip_special_tokens=True), (ids, text)
+
+
 class ConstantReward(Reward):
     def __init__(self, value):
         self.value = value

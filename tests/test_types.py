@@ -161,3 +161,13 @@ def test_trim_padding_keeps_at_least_one_column():
     full = _padded_rollout()
     empty = dataclasses.replace(full, response_mask=torch.zeros(2, 4, dtype=torch.bool))
     assert empty.trim_padding().response_ids.shape == (2, 1)
+
+
+def test_text_mask_drops_the_stop_token_of_ended_responses_only():
+    # Row b has 1 + b % 4 real tokens and ended = (b even): rows 0, 2, 4, 6 lose their last real token.
+    rollout = _rollout()
+    expected = rollout.response_mask.clone()
+    for b in (0, 2, 4, 6):
+        expected[b, b % T] = False
+    assert torch.equal(rollout.text_mask(), expected)
+    assert torch.equal(rollout.text_mask()[1], rollout.response_mask[1])  # truncated: its last token is text
