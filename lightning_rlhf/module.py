@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -340,13 +341,25 @@ class PPOModule(LightningModule):
         return dataclasses.replace(rollout, kl=kl, rewards=rewards)
 
     def _whiten(self, advantages: Tensor, mask: Tensor) -> Tensor:
-        """Masked whitening with moments over this process (``local``) or over all processes (``global``)."""
+        """Masked whitening with moments over this process (``local``) or over all processes (``global``).
+
+        A rollout with fewer than 2 real tokens (a per-device batch of one 1-token response under ``local``) has no
+        variance: its advantages are used as they are, with a warning.
+        """
+        sums = RunningMoments.sums(advantages[mask])  # [count, sum, sum of squares]
+        if self.ppo.stats_scope == "global":
+            sums = self._all_reduce_sum(sums)
+        count, total, total_sq = sums.tolist()
+        if count < 2:
+            warnings.warn(
+                f"Advantage whitening skipped for this rollout: it has {count:.0f} response token(s), and whitening "
+                f"needs 2 (ppo.stats_scope={self.ppo.stats_scope!r}). Raise data.batch_size or use stats_scope global.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return advantages
         if self.ppo.stats_scope == "local":
             return F.masked_whiten(advantages, mask)
-        sums = RunningMoments.sums(advantages[mask])  # [count, sum, sum of squares]
-        count, total, total_sq = self._all_reduce_sum(sums).tolist()
-        if count < 2:
-            raise ValueError(f"advantage whitening needs at least 2 response tokens in the rollout, got {count:.0f}.")
         mean = total / count
         var = (total_sq - count * mean**2) / (count - 1)
         return F.masked_whiten(advantages, mask, mean=mean, var=var)

@@ -249,6 +249,18 @@ def test_rewards_see_responses_without_a_stop_token_that_is_not_special():
         assert text == module.tokenizer.decode(ids[:first_stop], skip_special_tokens=True), (ids, text)
 
 
+@pytest.mark.parametrize("stats_scope", ["local", "global"])
+def test_a_rollout_of_one_token_skips_whitening_with_a_warning(stats_scope):
+    # One prompt per device and a 1-token response: whitening had no variance to divide by and raised.
+    module = make_module(
+        generation=GenerationConfig(max_new_tokens=1), ppo=PPOConfig(ppo_epochs=1, stats_scope=stats_scope)
+    )
+    with pytest.warns(RuntimeWarning, match="Advantage whitening skipped for this rollout: it has 1 response token"):
+        trainer = fit(module, steps=2, batch_size=1)
+    assert trainer.global_step == 2
+    assert math.isfinite(float(trainer.logged_metrics["loss/total"]))
+
+
 class ConstantReward(Reward):
     def __init__(self, value):
         self.value = value
