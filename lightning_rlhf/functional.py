@@ -38,6 +38,12 @@ AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
 
 WHITEN_EPS = 1e-8
 """Added to the variance before the square root in ``masked_whiten`` (as TRL, torchtune, cleanrl)."""
+K3_LOG_RATIO_CLAMP = 20.0
+"""``kl_penalty("k3")`` clamps the log-ratio to [-20, 20] before ``exp`` (verl ``low_var_kl``): below about -88 the
+float32 ``exp`` overflows to inf."""
+K3_CLAMP = 10.0
+"""``kl_penalty("k3")`` caps the per-token estimate at 10 nats (verl ``low_var_kl``), so one token the policy made far
+less likely than the reference cannot dominate a response's reward."""
 LOGSOFTMAX_CHUNK_ELEMENTS = 2**24
 """Upper bound on the float32 elements one chunk of the vocabulary math may hold (64 MiB)."""
 
@@ -274,7 +280,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = 
 
     - ``"k1"``: ``log_ratio``. Unbiased; single samples can be negative.
     - ``"k2"``: ``0.5 * log_ratio ** 2``. Always >= 0, low variance, biased (exact to second order).
-    - ``"k3"``: ``exp(-log_ratio) - 1 + log_ratio``. Unbiased and always >= 0 (the control-variate estimator).
+    - ``"k3"``: ``exp(-log_ratio) - 1 + log_ratio``. Unbiased and always >= 0 (the control-variate estimator). As
+      in verl's ``low_var_kl``, ``log_ratio`` is clamped to ``[-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP]`` before the
+      ``exp`` (float32 overflows below about -88) and the estimate is capped at ``K3_CLAMP``.
 
     Args:
         logprobs: (B, T) log pi of the sampled tokens.
@@ -290,7 +298,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = 
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio.square()
-    return torch.expm1(-log_ratio) + log_ratio
+    log_ratio = log_ratio.clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    return (torch.expm1(-log_ratio) + log_ratio).clamp(max=K3_CLAMP)
 
 
 def last_token_index(response_mask: Tensor) -> Tensor:

@@ -267,6 +267,16 @@ def test_kl_penalty_hand_worked():
     assert_close(fn.kl_penalty(logprobs, ref, "k3"), _t([[0.1065307, 0.1487213, 0.0]]))
 
 
+def test_k3_clamps_the_log_ratio_and_caps_the_estimate():
+    # log ratio (policy - ref) [-100, -2, 30, 1]: -100 is clamped to -20 before exp (exp(100) is inf in float32)
+    # and e^20 - 21 = 4.85e8 capped at 10; -2: e^2 - 3 = 4.3890561; 30 -> 20: e^-20 - 1 + 20 = 19.0000000 -> 10;
+    # 1: e^-1 - 1 + 1 = 0.3678794.
+    logprobs, ref = _t([[-100.0, -2.0, 0.0, 0.0]]), _t([[0.0, 0.0, -30.0, -1.0]])
+    kl = fn.kl_penalty(logprobs, ref, "k3")
+    assert_close(kl, _t([[10.0, 4.3890561, 10.0, 0.3678794]]))
+    assert torch.isfinite(fn.kl_penalty(_t([[-1e4]]), _t([[0.0]]), "k3")).all()
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_is_zero_for_equal_logprobs(estimator: str):
     logprobs = torch.randn(3, 7, generator=torch.Generator().manual_seed(0)) * 4 - 3
