@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from lightning_rlhf import functional as F
@@ -30,6 +31,24 @@ class PPOObjective(NamedTuple):
     """Real response tokens in the micro-batch: the weight of its statistics in a token mean."""
     policy: PolicyLossStats
     value: ValueLossStats
+
+
+def micro_batch_weight(part: Rollout, minibatch_rows: int, minibatch_tokens: Tensor, aggregation: str) -> Tensor:
+    """float32 weight of a micro-batch's loss, so the weighted micro-batch gradients add up to the minibatch's.
+
+    ``token-mean``: the micro-batch's share of the minibatch's real tokens (``minibatch_tokens``, the per-process mean
+    over processes under ``stats_scope: global``); ``seq-mean-token-mean``: its share of the rows. Always float32:
+    under ``precision: bf16-true`` a tensor made without a dtype is bfloat16, and 1/3 would weigh 0.333984375.
+
+    Args:
+        part: the micro-batch.
+        minibatch_rows: rows in its minibatch on this process.
+        minibatch_tokens: () real response tokens of the minibatch.
+        aggregation: ``ppo.aggregation``.
+    """
+    if aggregation == "token-mean":
+        return (part.response_mask.sum() / minibatch_tokens.clamp(min=1)).float()
+    return torch.tensor(len(part) / minibatch_rows, dtype=torch.float32, device=part.response_mask.device)
 
 
 def ppo_objective(model: PolicyValueModel, part: Rollout, ppo: PPOConfig, temperature: float) -> PPOObjective:

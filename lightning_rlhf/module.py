@@ -37,8 +37,9 @@ from lightning_rlhf import strategies as _strategies  # noqa: F401  (registers -
 from lightning_rlhf.config import SCORE_NORM_EPS, PPOConfig, as_config, default_optimizer
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
 from lightning_rlhf.distributed import GlobalStats, full_value, fully_shard_policy, get_rng_state, set_rng_state
-from lightning_rlhf.loss import ppo_objective
+from lightning_rlhf.loss import micro_batch_weight, ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, cast_weights, load_tokenizer
+from lightning_rlhf.modes import full_precision
 from lightning_rlhf.precision import keep_trained_weights_float32
 from lightning_rlhf.random_streams import response_keys
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
@@ -277,15 +278,16 @@ class PPOModule(LightningModule):
 
         On the first iteration every problem with the scores (non-finite included) raises, so a broken reward stops
         the run before any weight moves; later, a rare non-finite score skips one iteration instead of a long run.
+        Rewards run at full precision (:func:`~lightning_rlhf.modes.full_precision`), whatever the trainer's.
         """
         responses = self.decode_responses(rollout)
-        raw = self.reward(
-            prompts,
-            responses,
-            prompt_ids=rollout.prompt_ids,
-            response_ids=rollout.response_ids,
-            response_mask=rollout.response_mask,
-        )
+        tensors = {
+            "prompt_ids": rollout.prompt_ids,
+            "response_ids": rollout.response_ids,
+            "response_mask": rollout.response_mask,
+        }
+        with full_precision(self.device.type):
+            raw = self.reward(prompts, responses, **tensors)
         source = f"{type(self).__name__}.reward"
         raw = validate_scores(raw, len(rollout), source, allow_non_finite=True).to(self.device)
         non_finite = not bool(torch.isfinite(raw).all())
@@ -300,14 +302,8 @@ class PPOModule(LightningModule):
         stats.add("rollout/response_len", lengths.sum(), lengths.numel())
         stats.add("rollout/eos_frac", rollout.ended.float().sum(), lengths.numel())
         if self.eval_reward is not None:
-            true_reward = call_reward(
-                self.eval_reward,
-                prompts,
-                responses,
-                prompt_ids=rollout.prompt_ids,
-                response_ids=rollout.response_ids,
-                response_mask=rollout.response_mask,
-            )
+            with full_precision(self.device.type):
+                true_reward = call_reward(self.eval_reward, prompts, responses, **tensors)
             stats.add("rollout/true_reward", true_reward.sum(), true_reward.numel())
         return dataclasses.replace(rollout, scores=scores), RolloutSamples(prompts, responses, raw)
 
@@ -381,7 +377,7 @@ class PPOModule(LightningModule):
 
     def _any_process(self, flag: bool) -> bool:
         """True when ``flag`` is True on any process (every process must call this at the same point)."""
-        return bool(self._all_reduce_sum(torch.tensor(float(flag), device=self.device)) > 0)
+        return bool(self._all_reduce_sum(torch.tensor(float(flag), dtype=torch.float32, device=self.device)) > 0)
 
     def _skip_iteration(self) -> None:
         """Count a rollout whose scores were not finite: no update, but the iteration still advances the step."""
@@ -455,10 +451,7 @@ class PPOModule(LightningModule):
             part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
             # the gradient of the minibatch loss under either aggregation.
-            if self.ppo.aggregation == "token-mean":
-                weight = (part.response_mask.sum() / tokens.clamp(min=1)).float()
-            else:
-                weight = torch.tensor(len(part) / len(minibatch), device=self.device)
+            weight = micro_batch_weight(part, len(minibatch), tokens, self.ppo.aggregation)
             loss = self._loss(part, stats, minibatch_stats)
             # DDP all-reduces the gradient once per minibatch, after its last micro-batch (no_sync before: the sum is
             # the same). FSDP2 reduce-scatters after each, which keeps its gradients sharded.
@@ -521,7 +514,7 @@ class PPOModule(LightningModule):
         """L2 norm of all gradients, as ``clip_grad_norm_`` computes it (under FSDP2 a DTensor: see ``full_value``)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
-            return torch.zeros((), device=self.device)
+            return torch.zeros((), dtype=torch.float32, device=self.device)
         return torch.nn.utils.get_total_norm(grads)
 
     def _optimizer_step(self, optimizer: Any) -> None:

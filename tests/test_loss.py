@@ -106,3 +106,25 @@ def test_lm_head_chunks_give_the_same_objective_and_gradients_without_holding_al
 def test_lm_head_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match=r"ppo\.lm_head_chunk_size=0 is invalid: use >= 1 or null"):
         PPOConfig(lm_head_chunk_size=0)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.bfloat16])
+def test_micro_batch_weights_are_exact_float32_shares_whatever_the_default_dtype(default_dtype):
+    # Under precision bf16-true Lightning sets the default dtype to bfloat16 inside training_step; a weight made without
+    # a dtype was bfloat16 there (1/3 -> 0.333984375), so micro-batch gradients did not add up to the minibatch's.
+    from test_types import _rollout
+
+    from lightning_rlhf.loss import micro_batch_weight
+
+    minibatch = _rollout(9)  # row b has 1 + b % 4 real tokens: 21 in all
+    part = minibatch.select(torch.tensor([0, 1, 2]))  # 1 + 2 + 3 = 6 tokens, 3 rows
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        by_rows = micro_batch_weight(part, 9, torch.tensor(21.0, dtype=torch.float64), "seq-mean-token-mean")
+        by_tokens = micro_batch_weight(part, 9, torch.tensor(21.0, dtype=torch.float64), "token-mean")
+    finally:
+        torch.set_default_dtype(previous)
+    assert by_rows.dtype == by_tokens.dtype == torch.float32
+    assert by_rows.item() == torch.tensor(1 / 3, dtype=torch.float32).item()
+    assert by_tokens.item() == torch.tensor(6 / 21, dtype=torch.float32).item()

@@ -249,6 +249,32 @@ def test_rewards_see_responses_without_a_stop_token_that_is_not_special():
         assert text == module.tokenizer.decode(ids[:first_stop], skip_special_tokens=True), (ids, text)
 
 
+class PrecisionProbeReward(Reward):
+    """Scores 1/3 with a tensor made without a dtype, recording the default dtype and autocast it runs under."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[torch.dtype, bool]] = set()
+
+    def __call__(self, prompts, responses, **tensors):
+        self.seen.add((torch.get_default_dtype(), torch.is_autocast_enabled("cpu")))
+        return torch.tensor([1 / 3] * len(responses))
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_rewards_run_at_full_precision_whatever_the_trainer_precision(precision):
+    # Lightning runs training_step with the default dtype bfloat16 (bf16-true) or inside autocast (bf16-mixed): a
+    # reward's torch.tensor([...]) came out bfloat16 (1/3 -> 0.333984375) and a float32 reward model ran in bf16.
+    reward, true_reward = PrecisionProbeReward(), PrecisionProbeReward()
+    module = make_module(reward=reward, eval_reward=true_reward)
+    trainer = Trainer(max_steps=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    assert reward.seen == true_reward.seen == {(torch.float32, False)}
+    third = torch.tensor(1 / 3, dtype=torch.float32).item()
+    assert float(trainer.logged_metrics["rollout/score"]) == third
+    assert float(trainer.logged_metrics["rollout/true_reward"]) == third
+    assert torch.get_default_dtype() == torch.float32  # restored after fit
+
+
 @pytest.mark.parametrize("stats_scope", ["local", "global"])
 def test_a_rollout_of_one_token_skips_whitening_with_a_warning(stats_scope):
     # One prompt per device and a 1-token response: whitening had no variance to divide by and raised.
