@@ -121,7 +121,12 @@ class PPOConfig:
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
-    """AdamW with lr 1e-5 and eps 1e-5 (cleanrl / TRL PPO), used when the recipe names no optimizer."""
+    """AdamW with lr 1e-5 and eps 1e-5 (torch's weight decay 0.01), used when the recipe names no optimizer.
+
+    lr 1e-5 is the order of TRL <= 0.11's PPO default (1.41e-5) for fine-tuning a pretrained LM with LoRA; eps 1e-5 is
+    the PPO Adam epsilon of OpenAI baselines and cleanrl. TRL 0.29's PPOTrainer uses lr 3e-6 and eps 1e-8 (transformers'
+    default); OpenRLHF and verl default to lr 1e-6 for full fine-tuning. A tiny random model needs far more (the
+    quickstart uses 5e-4)."""
     return torch.optim.AdamW(params, lr=1.0e-5, eps=1.0e-5)
 
 

@@ -11,6 +11,7 @@ from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.generation import cached_decode, hf_generate, merged_lora
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
 from lightning_rlhf.module import PPOConfig, PPOModule
+from lightning_rlhf.random_streams import response_keys
 from lightning_rlhf.rewards import CharFractionReward
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
 
@@ -38,6 +39,9 @@ def test_bf16_iteration_on_one_gpu(precision, packing, lm_head_chunk_size):
     assert all(math.isfinite(float(v)) for v in metrics.values())
     assert float(metrics["policy/updates"]) == module.ppo.ppo_epochs * module.ppo.num_minibatches
     assert torch.cuda.max_memory_allocated() > 0
+    assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}  # master weights
+    frozen = {p.dtype for p in module.parameters() if not p.requires_grad}
+    assert frozen == ({torch.bfloat16} if precision == "bf16-true" else {torch.float32})
 
 
 def test_cached_engine_matches_generate_on_cuda_and_restores_merged_weights():
@@ -52,13 +56,15 @@ def test_cached_engine_matches_generate_on_cuda_and_restores_merged_weights():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     enc = tokenizer(["the quick brown", "ab", "xyz!"], add_special_tokens=False, padding=True, return_tensors="pt")
     prompts = (enc.input_ids.cuda(), enc.attention_mask.bool().cuda())
-    config = GenerationConfig(max_new_tokens=12, do_sample=False)
     stops = [1, 101]
-    with torch.no_grad(), merged_lora(model.lm):
-        cached = truncate_at_stop(cached_decode(model, *prompts, config, stops, 0), stops, 0)
-        hf = truncate_at_stop(hf_generate(model, *prompts, config, stops, 0), stops, 0)
-    for a, b in zip(cached, hf, strict=True):
-        assert torch.equal(a, b)
+    keys = response_keys(0, 0, torch.arange(3, device="cuda"))
+    for do_sample in (False, True):  # greedy, and each response's own random stream
+        config = GenerationConfig(max_new_tokens=12, do_sample=do_sample)
+        with torch.no_grad(), merged_lora(model.lm):
+            cached = truncate_at_stop(cached_decode(model, *prompts, config, stops, 0, keys), stops, 0)
+            hf = truncate_at_stop(hf_generate(model, *prompts, config, stops, 0, keys), stops, 0)
+        for a, b in zip(cached, hf, strict=True):
+            assert torch.equal(a, b)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
