@@ -36,15 +36,17 @@ def make_module(**overrides) -> PPOModule:
     return PPOModule(**kwargs)
 
 
-def fit(module: PPOModule, steps: int = 1, batch_size: int = 4, prompts=None) -> Trainer:
+def fit(module: PPOModule, steps: int = 1, batch_size: int = 4, prompts=None, callbacks=(), precision="32-true"):
     trainer = Trainer(
         max_steps=steps,
         accelerator="cpu",
         devices=1,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=list(callbacks),
     )
     data = PromptDataModule(prompts=prompts or PROMPTS, batch_size=batch_size, shuffle=False)
     trainer.fit(module, datamodule=data)
@@ -200,16 +202,7 @@ def test_the_ratio_is_one_before_the_policy_moves_whatever_the_dropout(tmp_path,
         ppo=PPOConfig(ppo_epochs=1, num_minibatches=1),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     )
-    trainer = Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[stats],
-    )
-    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    fit(module, steps=4, callbacks=[stats])
     assert len(stats.rows) == 4
     for row in stats.rows:
         assert row["policy/approx_kl"] < 1e-10, row
@@ -233,15 +226,7 @@ def test_rewards_see_responses_without_a_stop_token_that_is_not_special():
     stops = list(range(100, 126))
     capture = RolloutSamplesCapture()
     module = make_module(generation=GenerationConfig(max_new_tokens=8, stop_token_ids=stops))
-    trainer = Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[capture],
-    )
-    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    fit(module, steps=3, callbacks=[capture])
     ended = [(ids, text) for ids, did_end, text in capture.seen if did_end]
     assert ended, "no response ended on a stop token"
     for ids, text in ended:
@@ -266,8 +251,7 @@ def test_rewards_run_at_full_precision_whatever_the_trainer_precision(precision)
     # reward's torch.tensor([...]) came out bfloat16 (1/3 -> 0.333984375) and a float32 reward model ran in bf16.
     reward, true_reward = PrecisionProbeReward(), PrecisionProbeReward()
     module = make_module(reward=reward, eval_reward=true_reward)
-    trainer = Trainer(max_steps=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
-    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    trainer = fit(module, precision=precision)
     assert reward.seen == true_reward.seen == {(torch.float32, False)}
     third = torch.tensor(1 / 3, dtype=torch.float32).item()
     assert float(trainer.logged_metrics["rollout/score"]) == third
@@ -722,8 +706,7 @@ def test_bf16_true_keeps_the_trained_weights_float32_so_small_steps_are_not_lost
     )
     module.configure_model()
     before = snapshot(module)
-    trainer = Trainer(max_steps=4, accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False)
-    trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+    trainer = fit(module, steps=4, precision="bf16-true")
     after = snapshot(module)
     trained = {n for n, p in module.named_parameters() if p.requires_grad}
     assert {after[n].dtype for n in trained} == {torch.float32}
@@ -746,9 +729,8 @@ def test_bf16_true_keeps_the_trained_weights_float32_so_small_steps_are_not_lost
 
 def test_bf16_true_with_full_fine_tuning_trains_float32_weights_and_says_so():
     module = make_module(lora=LoraConfig(enabled=False))
-    trainer = Trainer(max_steps=1, accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False)
     with pytest.warns(UserWarning, match="full fine-tuning: every LM weight trains"):
-        trainer.fit(module, datamodule=PromptDataModule(prompts=PROMPTS, batch_size=4, shuffle=False))
+        trainer = fit(module, precision="bf16-true")
     assert {p.dtype for p in module.model.lm.parameters()} == {torch.float32}
     assert {p.dtype for p in module.model.ref_lm.parameters()} == {torch.bfloat16}
     assert math.isfinite(float(trainer.logged_metrics["loss/total"]))

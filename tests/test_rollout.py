@@ -182,7 +182,13 @@ def test_generate_rollout_ends_each_response_at_its_first_stop_token(tokenizer, 
 
 
 def test_generate_rollout_turns_dropout_off_and_restores_every_training_flag(tokenizer, prompts):
+    # build_policy turns dropout off; put LoRA's back on, so the rollout's own eval mode is what keeps it out.
     model = build(tokenizer, LoraConfig(dropout=0.5))
+    dropouts = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in name]
+    assert dropouts
+    assert all(m.p == 0.0 for m in dropouts)
+    for m in dropouts:
+        m.p = 0.5
     model.train()
     model.value_head.eval()  # a mixed state must come back exactly
     before = {name: module.training for name, module in model.named_modules()}
