@@ -56,11 +56,10 @@ if has rollout; then
 fi
 
 if has more; then
-  # Larger minibatches (256 prompts: 64 per minibatch), LoRA over bf16 weights, and the trainer.fit cross-check.
+  # Larger minibatches (256 prompts: 64 per minibatch), LoRA over bf16 weights.
   bench more 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 256 --iterations 2 --warmup 1
   bench more 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 256 --iterations 2 --warmup 1 --full
   bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --precision bf16-true
-  bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 3 --warmup 1 --trainer
   # generation.cast_weights_once (bf16-mixed sampling casts the weights once per rollout) on and off, same machine.
   bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1 --no-cast-weights-once
   bench more 120 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1

@@ -33,10 +33,9 @@ from torch import Tensor
 
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.loss import ppo_objective
-from lightning_rlhf.models import PolicyValueModel, unwrap_peft
-from lightning_rlhf.packing import verify_packing
-from lightning_rlhf.rollout import forward_response
-from lightning_rlhf.types import Rollout
+from lightning_rlhf.models import PolicyValueModel, forward_response, unwrap_peft
+from lightning_rlhf.models.packing import verify_packing
+from lightning_rlhf.types import ForwardOptions, Rollout
 
 DISTRIBUTIONS: tuple[str, ...] = ("full", "uniform", "skewed")
 TEMPERATURE = 1.0
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace, model: PolicyValueModel, distribution: str) ->
         with torch.no_grad():
             batch = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
             for mode in ("policy", "ref"):
-                forward_response(model, *batch, TEMPERATURE, mode=mode, packing=packing)
+                forward_response(model, *batch, TEMPERATURE, mode=mode, options=ForwardOptions(packing=packing))
 
     def update(packing: bool) -> None:
         ppo = PPOConfig(packing=packing)

@@ -2,36 +2,47 @@
 
 Prints one JSON line per run. Two designs at the same model config (``--design``):
 
-- ``shared`` (this package): :func:`lightning_rlhf.models.build_policy`. One backbone serves the policy (LoRA), the
-  reference (adapter disabled; a frozen copy with ``--full``) and the critic (value head on the policy's final hidden
-  state). Rollout: generate, one forward for old logprobs *and* values, one reference forward. Update: one forward and
-  backward per minibatch.
-- ``separate`` (TRL-style): the policy LM (LoRA, or full), a frozen copy of the base model as the reference, and a
-  critic with its own full backbone and a value head (TRL's ``AutoModelForSequenceClassification`` value model),
-  trained jointly with one optimizer. Rollout: generate, a policy forward and a critic forward, a reference forward.
-  Update: a policy forward and a critic forward (and both backwards) per minibatch. :class:`SeparatePolicyValue` has
-  the call interface of ``PolicyValueModel``, so the same ``generate_rollout`` and ``forward_response`` drive both.
+- ``shared`` (this package): ``PPOModule``'s own model, :func:`lightning_rlhf.models.build_policy`. One backbone
+  serves the policy (LoRA), the reference (adapter disabled; a frozen copy with ``--full``) and the critic (value head
+  on the policy's final hidden state). Rollout: generate, one forward for old logprobs *and* values, one reference
+  forward. Update: one forward and backward per minibatch.
+- ``separate`` (TRL-style): :class:`SeparatePolicyValue`, a ``PolicyValueModel`` in its full-fine-tuning layout (the
+  policy LM, LoRA or full, and a frozen copy of the base model as ``ref_lm``) whose critic has its own full backbone
+  and value head (TRL's ``AutoModelForSequenceClassification`` value model), trained jointly with one optimizer; it
+  overrides only ``critic_values``. Rollout: generate, a policy forward and a critic forward, a reference forward.
+  Update: a policy forward and a critic forward (and both backwards) per minibatch.
 
-Two modes:
+Every iteration is one ``trainer.fit`` iteration of ``PPOModule`` (:class:`BenchPPOModule` picks the design in
+``configure_model`` and folds a preset's ids for the reward in ``decode_responses``), so the timed code is the
+package's own. Callbacks and forward hooks split it into phases:
 
-- direct (default): drives one iteration's phases itself and times each. The rollout is the package's own
-  ``generate_rollout`` unchanged; forward hooks on the model mark where generation ends and the reference forward
-  starts. The update is ``PPOModule._ppo_update``'s computation (the package's ``loss.ppo_objective``, backward,
-  the logged grad norm, ``clip_grad_norm_``, AdamW step) without its metric bookkeeping and without Lightning.
-- ``--trainer``: whole ``trainer.fit`` iterations of ``PPOModule``; reports its ``perf/iteration_sec`` and
-  ``perf/rollout_sec`` metrics and the wall time of each ``training_step`` as a cross-check.
+- ``generate``, ``old_logprobs_values_forward``, ``ref_forward``: ``PPOModule.rollout``, cut by forward hooks on the
+  model (:class:`ModeMarks`).
+- ``score_advantages``: the module's ``perf/rollout_sec`` (rollout, ``score``, ``shape_rewards``,
+  ``estimate_advantages``) minus those three. ``rollout_score_advantages``: ``perf/rollout_sec`` itself.
+- ``update``: ``PPOModule.ppo_update``, ``perf/iteration_sec`` minus ``perf/rollout_sec``. ``update_forward``: the
+  model's forward calls inside it (logprobs included: they are computed inside the forward); the rest of the update is
+  the loss terms, backward, grad norm, clipping and AdamW.
+- ``total``: ``perf/iteration_sec``. ``step_wall``: ``on_train_batch_start`` to ``on_train_batch_end``, which adds
+  Lightning's hooks and the module's metric logging.
+- ``separate`` only: ``rollout_critic_forward`` and ``update_critic_forward`` time the ``critic_values`` override
+  (the critic's backbone and value head); ``rollout_policy_forward`` and ``update_policy_forward`` are the rest of the
+  ``mode="policy"`` forwards (the policy's backbone and logprobs).
 
-Equal token counts: the rollout is given an EOS id equal to the LM's output size (its vocabulary), which the model
-cannot sample: every response is exactly ``--max-new-tokens`` long in both designs. The script checks this. (It
-predates ``GenerationConfig.min_new_tokens``, commit 0ca9c78, and keeps the unreachable EOS.)
+On CUDA every mark waits for the queued kernels. The module reads its rollout clock after the host reads of its
+advantage step (whitening and explained variance wait for the kernels before them), and the callback synchronizes at
+the end of the last PPO epoch, before the module reads its iteration clock, so each phase holds its own kernels.
+
+Equal token counts: ``generation.min_new_tokens = max_new_tokens`` forbids the stop tokens before the last position, so
+every response is exactly ``--max-new-tokens`` long in both designs. The script checks this at every rollout.
 
 Models: the tiny random Llama (``--hidden`` ...), or ``--preset`` (:mod:`presets`: a published architecture with random
 weights, loaded through ``from_pretrained``). Precision: ``--precision`` (``bf16-mixed`` by default on CUDA).
 
-Utilization: the ``"utilization"`` block gives each phase's model FLOPs (:mod:`lightning_rlhf.flops`: matmuls only,
-from the iteration's actual token counts, prompt padding included; also over the real tokens alone) and those FLOPs
-per second over the rate of a square matmul measured in this process before and after the run (in the matmuls'
-dtype: float32 for ``32-true``, bfloat16 otherwise); with ``--peak-tflops`` also over the accelerator's peak (MFU).
+Utilization: the ``"utilization"`` block gives each phase's model FLOPs (:mod:`flops`: matmuls only, from the
+iteration's actual token counts, prompt padding included; also over the real tokens alone) and those FLOPs per second
+over the rate of a square matmul measured in this process before and after the run (in the matmuls' dtype: float32
+for ``32-true``, bfloat16 otherwise); with ``--peak-tflops`` also over the accelerator's peak (MFU).
 
 Scaling: ``--sweep length`` (or ``batch``) runs the benchmark once per response length (or batch size), each in its
 own process printing its own JSON line, with 2 timed iterations after 1 warm-up unless given.
@@ -42,11 +53,9 @@ Run ``python benchmarks/ppo_iteration.py --help`` for the options; ``benchmarks/
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
-import math
 import random
 import resource
 import statistics
@@ -56,17 +65,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
-from presets import add_model_arguments, fold_to_tokenizer, policy_config, save_random_model
-from torch import Tensor, nn
-
-from lightning_rlhf import functional as F
-from lightning_rlhf.config import PPOConfig
-from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.flops import (
+from flops import (
     DecoderShape,
     Lora,
     MatmulRate,
@@ -77,22 +80,28 @@ from lightning_rlhf.flops import (
     matmul_flops_per_sec,
     train_flops,
 )
-from lightning_rlhf.loss import ppo_objective
+from lightning.pytorch import LightningModule, Trainer
+from presets import add_model_arguments, fold_to_tokenizer, policy_config, save_random_model
+from torch import Tensor, nn
+
+from lightning_rlhf.callbacks import RLCallback
+from lightning_rlhf.config import GenerationConfig, PPOConfig
+from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.models import (
-    HeadFn,
     LoraConfig,
     PolicyConfig,
     PolicyValueModel,
-    _attach_lora,
+    attach_lora,
     build_policy,
+    cast_weights,
+    check_dtype,
+    disable_dropout,
     final_hidden,
-    logits_or_head,
     unwrap_peft,
 )
 from lightning_rlhf.module import PPOModule
-from lightning_rlhf.rewards import CharFractionReward, validate_scores
-from lightning_rlhf.rollout import GenerationConfig, generate_rollout
-from lightning_rlhf.types import Rollout
+from lightning_rlhf.rewards import CharFractionReward
+from lightning_rlhf.types import Rollout, RolloutSamples
 
 DESIGNS: tuple[str, ...] = ("shared", "separate")
 SWEEPS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -113,82 +122,60 @@ ADAPTER_MARKERS: tuple[str, ...] = ("lora_", "modules_to_save")
 
 
 # ---------------------------------------------------------------------------------------------- the separate design
-class SeparatePolicyValue(nn.Module):
-    """TRL-style roles in separate networks, behind ``PolicyValueModel``'s call interface.
+class SeparatePolicyValue(PolicyValueModel):
+    """TRL-style roles in separate networks: a ``PolicyValueModel`` whose critic has a backbone of its own.
 
-    ``mode="policy"`` runs the policy LM for the logits and the critic's own backbone for the values (two backbone
-    forwards); ``mode="ref"`` runs the frozen reference copy; ``mode="generate"`` samples from the policy. Each backbone
-    forward reuses the package's decoder and ``lm_head`` helpers (``final_hidden``, ``logits_or_head``), so a role costs
-    exactly what it costs in the shared design and only the number of backbones differs.
+    ``lm`` (the policy) gives the logits and ``ref_lm`` (a frozen copy of the base model) the reference logits, as in
+    the package's full-fine-tuning layout; :meth:`critic_values` runs ``critic`` (a decoder without ``lm_head``,
+    trained in full as TRL trains its value model) and reads the value head on its final hidden state. Every backbone
+    forward is the package's (``final_hidden``, ``logits_or_head``), so a role costs what it costs in the shared design
+    and only the number of backbones differs.
     """
 
-    def __init__(self, lm: nn.Module, ref_lm: nn.Module, critic: nn.Module, value_head: nn.Linear) -> None:
-        super().__init__()
-        self.lm = lm
-        """The policy: ``peft.PeftModel`` (LoRA) or the causal LM (full)."""
-        self.ref_lm = ref_lm.requires_grad_(False).eval()
-        """Frozen copy of the base causal LM."""
+    def __init__(self, lm: nn.Module, ref_lm: nn.Module, critic: nn.Module) -> None:
+        super().__init__(lm, ref_lm=ref_lm)
         self.critic = critic
-        """The critic's own decoder (no ``lm_head``), trained in full as TRL trains its value model."""
-        self.value_head = value_head
-        """Final hidden state of ``critic`` -> V(s), float32."""
-        self.seconds: Counter[str] = Counter()
-        """Seconds spent in the policy and the critic part of ``mode="policy"`` calls (read and cleared by callers)."""
+        """The critic's own decoder."""
+        self.critic_seconds: Counter[str] = Counter()
+        """Seconds in :meth:`critic_values`, under ``"rollout"`` (no grad) and ``"update"`` (read and cleared by
+        callers)."""
         self.clock: Callable[[], float] = time.perf_counter
 
-    def train(self, mode: bool = True) -> SeparatePolicyValue:
-        super().train(mode)
-        self.ref_lm.eval()
-        return self
-
-    def forward(
+    def critic_values(
         self,
+        hidden: Tensor,
         input_ids: Tensor,
         attention_mask: Tensor,
-        mode: str = "policy",
-        logits_slice: tuple[int, int] | None = None,
-        packing: bool = False,
-        logits_mask: Tensor | None = None,
-        head: HeadFn | None = None,
-        head_chunk_size: int | None = None,
-        **generate_kwargs: Any,
-    ) -> tuple[Any, Tensor] | Any:
-        attention_mask = attention_mask.long()
-        if mode == "generate":
-            return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        if generate_kwargs:
-            raise TypeError(f"Unexpected arguments for mode={mode!r}: {sorted(generate_kwargs)}.")
-        inputs = (input_ids, attention_mask, logits_slice, packing)
-
-        def outputs(causal_lm: nn.Module, hidden: Tensor) -> Any:  # as PolicyValueModel.forward
-            return logits_or_head(causal_lm, hidden, logits_mask, head, head_chunk_size)
-
-        if mode == "ref":
-            return outputs(self.ref_lm, final_hidden(self.ref_lm, *inputs))
+        logits_slice: tuple[int, int] | None,
+        packing: bool,
+    ) -> Tensor:
+        """The value head on the critic's own final hidden states; the policy's ``hidden`` is not read."""
         started = self.clock()
-        policy = unwrap_peft(self.lm)
-        logits = outputs(policy, final_hidden(policy, *inputs))
-        middle = self.clock()
         # LlamaModel.get_decoder() is the model itself, so final_hidden runs the critic's decoder.
-        hidden = final_hidden(self.critic, *inputs)
-        values = self.value_head(hidden.float()).squeeze(-1)
-        self.seconds["policy"] += middle - started
-        self.seconds["critic"] += self.clock() - middle
-        return logits, values
+        own = final_hidden(self.critic, input_ids, attention_mask, logits_slice, packing)
+        values = super().critic_values(own, input_ids, attention_mask, logits_slice, packing)
+        self.critic_seconds["update" if torch.is_grad_enabled() else "rollout"] += self.clock() - started
+        return values
 
 
 def build_separate(cfg: PolicyConfig, lora: LoraConfig, tokenizer: Any) -> SeparatePolicyValue:
-    """Policy, reference copy and critic backbone from one random init (the same init ``build_policy`` draws)."""
-    full = build_policy(cfg, LoraConfig(enabled=False), tokenizer)  # trainable LM, frozen copy, value head
-    critic = copy.deepcopy(full.lm.get_decoder()).requires_grad_(True)
-    lm = _attach_lora(full.lm, lora) if lora.enabled else full.lm  # the adapter build_policy attaches
-    return SeparatePolicyValue(lm, full.ref_lm, critic, full.value_head)
+    """Policy, reference copy and critic backbone, with the random init ``build_policy(cfg, lora, tokenizer)`` draws.
 
-
-def build_model(design: str, cfg: PolicyConfig, lora: LoraConfig, tokenizer: Any) -> nn.Module:
-    if design == "shared":
-        return build_policy(cfg, lora, tokenizer)
-    return build_separate(cfg, lora, tokenizer)
+    The base weights come from ``cfg`` alone; the global RNG is put back after the full-fine-tuning build, so the
+    adapter and then the value head (drawn in ``PolicyValueModel.__init__``) get the same draws, in the same order, as
+    in the shared design.
+    """
+    with torch.random.fork_rng(devices=[]):
+        full = build_policy(cfg, LoraConfig(enabled=False), tokenizer)  # trainable LM, frozen reference copy
+        critic = copy.deepcopy(full.lm.get_decoder())  # trained in full
+    lm = full.lm
+    if lora.enabled:
+        # As build_policy's LoRA policy: the adapter attached to the base in policy.dtype (so it is initialized in that
+        # dtype too), then dropout off and the adapter in float32.
+        dtype = check_dtype(cfg.dtype, "policy.dtype")
+        base = cast_weights(lm.requires_grad_(False), dtype)
+        lm = cast_weights(disable_dropout(attach_lora(base, lora)), dtype)
+    return SeparatePolicyValue(lm, full.ref_lm, critic)
 
 
 # -------------------------------------------------------------------------------------------- parameter accounting
@@ -197,7 +184,7 @@ def _unique_bytes(params: Iterable[Tensor]) -> int:
     return sum({p.data_ptr(): p.numel() * p.element_size() for p in params}.values())
 
 
-def role_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
+def role_parameters(model: PolicyValueModel) -> dict[str, list[Tensor]]:
     """The parameters each role reads in a forward: policy, reference and critic."""
     if isinstance(model, SeparatePolicyValue):
         return {
@@ -205,7 +192,6 @@ def role_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
             "reference": list(model.ref_lm.parameters()),
             "critic": [*model.critic.parameters(), *model.value_head.parameters()],
         }
-    assert isinstance(model, PolicyValueModel)
     if model.ref_lm is not None:
         reference = list(model.ref_lm.parameters())
     else:  # adapter disabled: the base weights only
@@ -218,7 +204,7 @@ def role_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
     }
 
 
-def parameter_bytes(model: nn.Module) -> dict[str, int]:
+def parameter_bytes(model: PolicyValueModel) -> dict[str, int]:
     roles = role_parameters(model)
     out = {role: _unique_bytes(params) for role, params in roles.items()}
     out["all_roles_unique"] = _unique_bytes(p for params in roles.values() for p in params)
@@ -268,10 +254,11 @@ class ModelCall(NamedTuple):
 class ModeMarks:
     """Records when each ``model(..., mode=...)`` call starts and ends, through forward hooks.
 
-    ``generate_rollout`` samples (through ``mode="generate"``, or an engine that calls the LM directly), then calls
+    ``PPOModule.rollout`` samples (through ``mode="generate"``, or an engine that calls the LM directly), then calls
     the model with ``mode="policy"``, then ``"ref"``; the marks split its wall time into three phases without
-    changing the code it runs. The marks also keep every scoring and update call's input shape (for model FLOPs),
-    and hooks on the LoRA ``A`` matrices record whether sampling ran the adapter or merged weights (no adapter matmuls).
+    changing the code it runs. The marks also keep every scoring and update call's input shape (for model FLOPs) and
+    the seconds spent inside the calls of each phase, and hooks on the LoRA ``A`` matrices record whether sampling ran
+    the adapter or merged weights (no adapter matmuls).
     """
 
     def __init__(self, model: nn.Module, clock: Callable[[], float]) -> None:
@@ -281,6 +268,8 @@ class ModeMarks:
         self.sampling_adapter_rows = 0
         """Rows the adapters' ``A`` matrices saw before the first policy forward of this rollout."""
         self.calls: list[ModelCall] = []
+        self.call_seconds: Counter[str] = Counter()
+        """Seconds inside the scoring and update calls, by :attr:`ModelCall.phase`."""
         model.register_forward_pre_hook(self._start, with_kwargs=True)
         model.register_forward_hook(self._end, with_kwargs=True)
         for name, module in model.named_modules():
@@ -288,10 +277,11 @@ class ModeMarks:
                 module.register_forward_hook(self._adapter)
 
     def reset(self) -> None:
-        """Forget the previous rollout's marks."""
+        """Forget the previous iteration's marks."""
         self.marks.clear()
         self.sampling_adapter_rows = 0
         self.calls.clear()
+        self.call_seconds.clear()
 
     def _adapter(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self.active and ("start", "policy") not in self.marks:
@@ -310,26 +300,31 @@ class ModeMarks:
             self.calls.append(ModelCall(mode, *input_ids.shape, end - start, logits, torch.is_grad_enabled()))
 
     def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.active:
-            self.marks["end", kwargs.get("mode", "policy")] = self.clock()
+        if not self.active:
+            return
+        mode = kwargs.get("mode", "policy")
+        self.marks["end", mode] = self.clock()
+        if mode != "generate":
+            self.call_seconds[self.calls[-1].phase] += self.marks["end", mode] - self.marks["start", mode]
 
-    def split(self, started: float, ended: float) -> dict[str, float]:
-        """Phase seconds: generate (to the end of ``mode="generate"``, cut at the stop token excluded; to the policy
-        forward for an engine that calls the LM directly), old logprobs and values (to the start of the reference
-        forward), reference (to the end of the rollout)."""
+    def split(self, started: float) -> dict[str, float]:
+        """Phase seconds of the rollout begun at ``started``, read before the update's calls: generate (to the end of
+        ``mode="generate"``; to the policy forward for an engine that calls the LM directly), old logprobs and values
+        (the cut at the stop token and the policy forward, to the start of the reference forward), reference (to its
+        end)."""
         generated = self.marks.get(("end", "generate"), self.marks["start", "policy"])
-        ref_started = self.marks["start", "ref"]
-        if not started <= generated <= self.marks["start", "policy"] <= ref_started <= ended:
-            raise RuntimeError(f"generate_rollout called the model in an unexpected order: {self.marks}")
+        ref_started, ref_ended = self.marks["start", "ref"], self.marks["end", "ref"]
+        if not started <= generated <= self.marks["start", "policy"] <= ref_started <= ref_ended:
+            raise RuntimeError(f"PPOModule.rollout called the model in an unexpected order: {self.marks}")
         return {
             "generate": generated - started,
             "old_logprobs_values_forward": ref_started - generated,
-            "ref_forward": ended - ref_started,
+            "ref_forward": ref_ended - ref_started,
         }
 
 
 # ------------------------------------------------------------------------------------------------------ model FLOPs
-# Conventions of lightning_rlhf.flops: matmuls only, so scoring, advantages, the grad norm and AdamW count 0 FLOPs.
+# Conventions of flops.py: matmuls only, so scoring, advantages, the grad norm and AdamW count 0 FLOPs.
 def call_flops(args: argparse.Namespace, shape: DecoderShape, call: ModelCall) -> int:
     """Model FLOPs of one scoring or update call of the model (forward, and backward when it ran with grad).
 
@@ -365,7 +360,7 @@ def sampling_flops(
 
 
 def with_totals(phases: Counter[str]) -> dict[str, int]:
-    """The phases in order, with the rollout (as ``--trainer`` times it) and the iteration total."""
+    """The phases in order, with the rollout (as ``perf/rollout_sec`` times it) and the iteration total."""
     rollout = sum(phases[phase] for phase in ROLLOUT_PHASES)
     return {phase: phases[phase] for phase in ROLLOUT_PHASES} | {
         "rollout_score_advantages": rollout,
@@ -460,6 +455,7 @@ def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "lora": LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
         "generation": GenerationConfig(
             max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.max_new_tokens,  # every response full length: equal token counts in both designs
             engine=args.engine,
             merge_lora=not args.no_merge_lora,
             cast_weights_once=not args.no_cast_weights_once,
@@ -469,49 +465,26 @@ def make_module_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def unreachable_eos(model: nn.Module) -> int:
-    """A token id the LM cannot sample (one past its logits' columns), so no response stops early."""
-    return unwrap_peft(model.lm).get_output_embeddings().weight.shape[0]
-
-
-def precision_context(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
-    """``bf16-mixed``: bfloat16 autocast around a whole iteration, as Lightning's precision plugin wraps
-    ``training_step``, and like it without autocast's weight-cast cache: the cache keeps a weight's bfloat16 copy until
-    the autocast region ends, so after an optimizer step inside the region the next forward would read the old
-    weights. ``bf16-true`` holds the LM's weights in bfloat16 instead (``policy.dtype``), without autocast."""
-    if args.precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
-
-
 class BenchPPOModule(PPOModule):
-    """``PPOModule`` with a choice of design and responses that never stop before ``max_new_tokens``."""
+    """``PPOModule`` with a choice of design (``configure_model``), decoding a preset's ids (``decode_responses``)."""
 
     def __init__(self, design: str = "shared", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.design = design
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = build_model(self.design, self.policy_config, self.lora_config, self.tokenizer)
+        if self.design == "shared" or self.model is not None:
+            super().configure_model()
+            return
+        model = build_separate(self.policy_config, self.lora_config, self.tokenizer)
+        self.model = cast_weights(model, self.frozen_dtype)  # as PPOModule.configure_model
 
     def decode_responses(self, rollout: Rollout) -> list[str]:
         """As ``PPOModule``'s, with a preset's ids past the byte tokenizer folded into its range (the reward needs some
         text; the scores do not change the timed work)."""
-        rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
-        return self.tokenizer.batch_decode(fold_to_tokenizer(rows, len(self.tokenizer)), skip_special_tokens=True)
-
-    def _rollout(self, batch: dict[str, Any]) -> Rollout:
-        assert self.model is not None
-        return generate_rollout(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.generation,
-            eos_token_id=unreachable_eos(self.model),
-            pad_token_id=self.tokenizer.pad_token_id,
-            micro_batch_size=self.ppo.micro_batch_size,
-        )
+        ids = fold_to_tokenizer(rollout.response_ids.tolist(), len(self.tokenizer))
+        folded = torch.tensor(ids, dtype=rollout.response_ids.dtype, device=rollout.response_ids.device)
+        return super().decode_responses(dataclasses.replace(rollout, response_ids=folded))
 
 
 def check_full_length(rollout: Rollout, max_new_tokens: int) -> None:
@@ -519,184 +492,17 @@ def check_full_length(rollout: Rollout, max_new_tokens: int) -> None:
         raise RuntimeError("A response stopped before max_new_tokens; the designs would see different token counts.")
 
 
-# ---------------------------------------------------------------------------------------------------- direct mode
-def score_and_advantages(module: PPOModule, prompts: list[str], rollout: Rollout, clock: Callable[[], float]):
-    """Steps 2-4 of ``PPOModule.training_step`` without the metric bookkeeping; returns (rollout, seconds)."""
-    started = clock()
-    raw = module.reward(
-        prompts,
-        module.decode_responses(rollout),
-        prompt_ids=rollout.prompt_ids,
-        response_ids=rollout.response_ids,
-        response_mask=rollout.response_mask,
-    )
-    scores = module.process_scores(validate_scores(raw, len(rollout), "reward").to(module.device), rollout.ended)
-    scored = clock()
-    ppo, mask = module.ppo, rollout.response_mask
-    kl = torch.where(mask, F.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, ppo.kl_estimator), 0.0)
-    rewards = F.token_rewards(scores, kl, mask, module.kl_ctl.value)
-    advantages, returns = F.gae(rewards, rollout.old_values, mask, ppo.gamma, ppo.gae_lambda)
-    if ppo.whiten_advantages:
-        advantages = F.masked_whiten(advantages, mask)
-    rollout = dataclasses.replace(
-        rollout, scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns
-    )
-    return rollout, {"score": scored - started, "advantages": clock() - scored}
-
-
-def minibatch_loss(module: PPOModule, part: Rollout) -> Tensor:
-    """``PPOModule._loss`` without the metric bookkeeping: the package's own ``ppo_objective``."""
-    return ppo_objective(module.model, part, module.ppo, module.generation.temperature).loss
-
-
-def ppo_update(
-    module: PPOModule, rollout: Rollout, optimizer: torch.optim.Optimizer, clock: Callable[[], float]
-) -> dict[str, float]:
-    """``PPOModule._ppo_update`` at its defaults (one micro-batch per minibatch, no early stop) outside Lightning.
-
-    Returns:
-        Seconds per sub-phase, summed over the minibatches.
-    """
-    ppo = module.ppo
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    seconds: Counter[str] = Counter()
-    for _ in range(ppo.ppo_epochs):
-        for minibatch in rollout.minibatches(ppo.num_minibatches, module.shuffle_generator):
-            t0 = clock()
-            loss = minibatch_loss(module, minibatch)
-            t1 = clock()
-            loss.backward()
-            t2 = clock()
-            # PPOModule._grad_norm (logged as policy/grad_norm), read on the host with the loss for the skip check.
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not (math.isfinite(float(grad_norm)) and math.isfinite(float(loss.detach()))):
-                raise RuntimeError("non-finite loss or gradient norm; the timing would not be of a normal update")
-            if ppo.max_grad_norm is not None:  # clipped with the norm just computed, as PPOModule (commit 11b7ae1)
-                torch.nn.utils.clip_grads_with_norm_(params, ppo.max_grad_norm, grad_norm)
-            t3 = clock()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t4 = clock()
-            seconds.update(forward_loss=t1 - t0, backward=t2 - t1, grad_norm_clip=t3 - t2, optimizer_step=t4 - t3)
-    return dict(seconds)
-
-
-_COMPILED: dict[int, nn.Module] = {}
-"""Compiled wrapper of each decoder layer (by id), built on first use so later iterations reuse its graphs."""
-
-
-@contextlib.contextmanager
-def compiled_layers(model: nn.Module) -> Iterator[None]:
-    """Regional ``torch.compile``: every decoder layer of every backbone (the policy's, and the separate design's
-    critic) replaced by its compiled wrapper for the body, and put back afterwards (sampling stays eager)."""
+def update_decoders(model: PolicyValueModel) -> list[nn.Module]:
+    """The decoders the update trains through: the policy's, and the separate design's critic."""
     decoders = [unwrap_peft(model.lm).get_decoder()]
     if isinstance(model, SeparatePolicyValue):
         decoders.append(model.critic)
-    originals = [list(decoder.layers) for decoder in decoders]
-    try:
-        for decoder in decoders:
-            for i, layer in enumerate(decoder.layers):
-                if id(layer) not in _COMPILED:
-                    _COMPILED[id(layer)] = torch.compile(layer, dynamic=True)
-                decoder.layers[i] = _COMPILED[id(layer)]
-        yield
-    finally:
-        for decoder, layers in zip(decoders, originals, strict=True):
-            for i, layer in enumerate(layers):
-                decoder.layers[i] = layer
+    return decoders
 
 
-def run_direct(args: argparse.Namespace, device: torch.device, prompts: list[str]) -> dict[str, Any]:
-    module = BenchPPOModule(design=args.design, **make_module_kwargs(args))
-    module.configure_model()
-    module.to(device).train()
-    optimizer = module.configure_optimizers()
-    module.shuffle_generator.manual_seed(args.seed)
-    clock = make_clock(device)
-    marks = ModeMarks(module.model, clock)
-    if isinstance(module.model, SeparatePolicyValue):
-        module.model.clock = clock
-    data = PromptDataModule(prompts=prompts, batch_size=args.batch, shuffle=False, tokenizer=module.tokenizer)
-    data.setup("fit")
-    eos, pad = unreachable_eos(module.model), module.tokenizer.pad_token_id
-    iterations: list[dict[str, float]] = []
-    tokens: list[dict[str, Any]] = []
-    for batch in data.train_dataloader():
-        prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
-        module.model.zero_grad(set_to_none=True)
-        seconds: dict[str, float] = {}
-        split = getattr(module.model, "seconds", None)
-        marks.reset()
-        with precision_context(args, device):
-            started = clock()
-            marks.active = True
-            rollout = generate_rollout(
-                module.model, prompt_ids, prompt_mask, module.generation, eos_token_id=eos, pad_token_id=pad
-            )
-            rolled = clock()
-            seconds |= marks.split(started, rolled)
-            if split is not None:  # the separate design's policy and critic forwards inside old_logprobs_values_forward
-                seconds |= {f"rollout_{k}_forward": v for k, v in split.items()}
-                split.clear()
-            check_full_length(rollout, args.max_new_tokens)
-            rollout, score_seconds = score_and_advantages(module, batch["prompts"], rollout, clock)
-            seconds |= score_seconds
-            update_started = clock()
-            with compiled_layers(module.model) if args.compile_update else contextlib.nullcontext():
-                update_seconds = ppo_update(module, rollout, optimizer, clock)
-            seconds["update"] = clock() - update_started
-        marks.active = False
-        tokens.append(token_counts(prompt_mask, rollout.response_ids.shape[1], marks))
-        seconds |= {f"update_{k}": v for k, v in update_seconds.items()}
-        if split is not None:
-            seconds |= {f"update_{k}_forward": v for k, v in split.items()}
-            split.clear()
-        seconds["total"] = clock() - started
-        iterations.append(seconds)
-    return {
-        "iterations": iterations,
-        "tokens": tokens,
-        "shape": DecoderShape.from_config(module.model.lm.config),
-        "generation": dataclasses.asdict(module.generation),
-        "param_bytes": parameter_bytes(module.model),
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "compiled_layers": len(_COMPILED),
-    }
-
-
-# --------------------------------------------------------------------------------------------------- trainer mode
-def run_trainer(args: argparse.Namespace, device: torch.device, prompts: list[str]) -> dict[str, Any]:
-    from lightning.pytorch import Callback, Trainer
-
-    iterations: list[dict[str, float]] = []
-    tokens: list[dict[str, Any]] = []
-    clock = make_clock(device)
-
-    class IterationTimes(Callback):
-        marks: ModeMarks | None = None
-
-        def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            self.marks = self.marks or ModeMarks(pl_module.model, clock)
-            self.marks.reset()
-            self.marks.active = True
-            self.started = clock()
-
-        def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
-            wall = clock() - self.started
-            self.marks.active = False
-            # Responses are max_new_tokens long: checked below.
-            tokens.append(token_counts(batch["prompt_mask"], args.max_new_tokens, self.marks))
-            metrics = trainer.callback_metrics
-            total, rollout = float(metrics["perf/iteration_sec"]), float(metrics["perf/rollout_sec"])
-            if float(metrics["rollout/response_len"]) != args.max_new_tokens:
-                raise RuntimeError("A response stopped before max_new_tokens.")
-            iterations.append(
-                {"rollout_score_advantages": rollout, "update": total - rollout, "total": total, "step_wall": wall}
-            )
-
-    module = BenchPPOModule(design=args.design, **make_module_kwargs(args))
-    data = PromptDataModule(prompts=prompts, batch_size=args.batch, shuffle=False)
-    trainer = Trainer(
+def make_trainer(args: argparse.Namespace, device: torch.device, callbacks: list[RLCallback]) -> Trainer:
+    """A one-device ``Trainer`` of ``--warmup`` + ``--iterations`` PPO iterations, without logger or checkpoints."""
+    return Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         precision="bf16-mixed" if args.precision == "bf16-mixed" else "32-true",  # bf16-true: policy.dtype
@@ -705,16 +511,131 @@ def run_trainer(args: argparse.Namespace, device: torch.device, prompts: list[st
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[IterationTimes()],
+        callbacks=callbacks,
     )
+
+
+def fit(args: argparse.Namespace, device: torch.device, prompts: list[str], callbacks: list[RLCallback]) -> Trainer:
+    """``trainer.fit`` of :class:`BenchPPOModule` on ``prompts``, in order, one ``--batch`` per iteration."""
+    module = BenchPPOModule(design=args.design, **make_module_kwargs(args))
+    data = PromptDataModule(
+        prompts=prompts,
+        batch_size=args.batch,
+        max_prompt_length=args.prompt_len[1],
+        shuffle=False,
+        tokenizer=module.tokenizer,
+    )
+    trainer = make_trainer(args, device, callbacks)
     trainer.fit(module, datamodule=data)
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------------- callbacks
+class IterationTimes(RLCallback):
+    """Phase seconds and token counts of every PPO iteration (see the module docstring for the phases)."""
+
+    def __init__(self, max_new_tokens: int, clock: Callable[[], float]) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.clock = clock
+        self.marks: ModeMarks | None = None
+        self.iterations: list[dict[str, float]] = []
+        self.tokens: list[dict[str, Any]] = []
+        self.rollout: dict[str, float] | None = None
+        self.result: dict[str, Any] = {}
+        """What the run held at its end: shape, generation settings, parameter and optimizer state bytes."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        model = pl_module.model
+        if self.marks is None:
+            self.marks = ModeMarks(model, self.clock)
+            if isinstance(model, SeparatePolicyValue):
+                model.clock = self.clock
+        self.marks.reset()
+        if isinstance(model, SeparatePolicyValue):
+            model.critic_seconds.clear()
+        self.rollout = None
+        self.marks.active = True
+        self.started = self.clock()
+
+    def on_rollout_end(
+        self, trainer: Trainer, pl_module: LightningModule, rollout: Rollout, samples: RolloutSamples
+    ) -> None:
+        check_full_length(rollout, self.max_new_tokens)
+        self.rollout = self.marks.split(self.started)
+
+    def on_ppo_epoch_end(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        self.clock()  # CUDA: the last optimizer step finishes before the module reads perf/iteration_sec
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        wall = self.clock() - self.started
+        self.marks.active = False
+        metrics = trainer.callback_metrics
+        if self.rollout is None or float(metrics["policy/skipped_updates"]) > 0:
+            raise RuntimeError("PPOModule skipped an iteration or an update; its time would not be a normal one.")
+        total, rollout = float(metrics["perf/iteration_sec"]), float(metrics["perf/rollout_sec"])
+        seconds = dict(self.rollout)
+        seconds["score_advantages"] = rollout - sum(self.rollout.values())
+        seconds |= {"rollout_score_advantages": rollout, "update": total - rollout, "total": total}
+        seconds |= {"update_forward": self.marks.call_seconds["update"], "step_wall": wall}
+        model = pl_module.model
+        if isinstance(model, SeparatePolicyValue):  # inside old_logprobs_values_forward and update_forward
+            for phase, calls in (("rollout", "old_logprobs_values_forward"), ("update", "update")):
+                critic = model.critic_seconds[phase]
+                seconds[f"{phase}_policy_forward"] = self.marks.call_seconds[calls] - critic
+                seconds[f"{phase}_critic_forward"] = critic
+        self.iterations.append(seconds)
+        self.tokens.append(token_counts(batch["prompt_mask"], self.max_new_tokens, self.marks))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.result = {
+            "shape": DecoderShape.from_config(pl_module.model.lm.config),
+            "generation": dataclasses.asdict(pl_module.generation),
+            "param_bytes": parameter_bytes(pl_module.model),
+            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers[0]),
+        }
+
+
+class CompiledUpdate(RLCallback):
+    """Regional ``torch.compile`` for the update only: from ``on_rollout_end`` to ``on_train_batch_end`` every decoder
+    layer the update trains through is replaced by its compiled wrapper (the same parameters), so sampling and the
+    scoring forwards stay eager. A layer is compiled on first use and its wrapper kept, so later iterations reuse its
+    graphs."""
+
+    def __init__(self) -> None:
+        self.compiled: dict[int, nn.Module] = {}
+        """Compiled wrapper of each decoder layer, by the layer's id."""
+        self.eager: list[tuple[nn.Module, list[nn.Module]]] = []
+
+    def on_rollout_end(
+        self, trainer: Trainer, pl_module: LightningModule, rollout: Rollout, samples: RolloutSamples
+    ) -> None:
+        for decoder in update_decoders(pl_module.model):
+            self.eager.append((decoder, list(decoder.layers)))
+            for i, layer in enumerate(decoder.layers):
+                if id(layer) not in self.compiled:
+                    self.compiled[id(layer)] = torch.compile(layer, dynamic=True)
+                decoder.layers[i] = self.compiled[id(layer)]
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for decoder, layers in self.eager:
+            for i, layer in enumerate(layers):
+                decoder.layers[i] = layer
+        self.eager.clear()
+
+
+def run(args: argparse.Namespace, device: torch.device, prompts: list[str]) -> dict[str, Any]:
+    times = IterationTimes(args.max_new_tokens, make_clock(device))
+    compiled = CompiledUpdate() if args.compile_update else None
+    fit(args, device, prompts, [times] if compiled is None else [times, compiled])
     return {
-        "iterations": iterations,
-        "tokens": tokens,
-        "shape": DecoderShape.from_config(module.model.lm.config),
-        "generation": dataclasses.asdict(module.generation),
-        "param_bytes": parameter_bytes(module.model),
-        "optimizer_state_bytes": optimizer_state_bytes(module.optimizers().optimizer),
+        "iterations": times.iterations,
+        "tokens": times.tokens,
+        **times.result,
+        "compiled_layers": 0 if compiled is None else len(compiled.compiled),
     }
 
 
@@ -741,8 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ppo.add_argument(
         "--compile-update",
         action="store_true",
-        help="experiment (direct mode): torch.compile every decoder layer (regional, dynamic shapes) for the update; "
-        "sampling and scoring stay eager. The first iteration compiles: use --warmup >= 1",
+        help="experiment: torch.compile every decoder layer (regional, dynamic shapes) for the update; sampling and "
+        "scoring stay eager. The first iteration compiles: use --warmup >= 1",
     )
     ppo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     ppo.add_argument("--num-minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
@@ -757,7 +678,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help=f"untimed PPO iterations first; None: {RUN['warmup']}, or {SWEEP_RUN['warmup']} per sweep run",
     )
-    run.add_argument("--trainer", action="store_true", help="time trainer.fit iterations of PPOModule instead")
+    run.add_argument(
+        "--trainer", action="store_true", help="no effect, for older command lines: every run times trainer.fit"
+    )
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     run.add_argument(
         "--precision",
@@ -796,8 +719,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
     if not 1 <= args.prompt_len[0] <= args.prompt_len[1]:
         parser.error("--prompt-len needs 1 <= MIN <= MAX")
-    if args.compile_update and (args.trainer or args.warmup < 1):
-        parser.error("--compile-update needs direct mode (no --trainer) and --warmup >= 1 (the compiling iteration)")
+    if args.compile_update and args.warmup < 1:
+        parser.error("--compile-update needs --warmup >= 1 (the compiling iteration)")
     return args
 
 
@@ -812,7 +735,7 @@ def summarize(
     return {
         "config": {
             "design": args.design,
-            "mode": "trainer" if args.trainer else "direct",
+            "mode": "trainer",
             "preset": args.preset,
             "shape": dataclasses.asdict(result["shape"]),
             "precision": args.precision,
@@ -826,7 +749,7 @@ def summarize(
             "engine": args.engine,
             "merge_lora": not args.no_merge_lora,
             "compile_update": args.compile_update,
-            "compiled_layers": result.get("compiled_layers", 0),
+            "compiled_layers": result["compiled_layers"],
             "device": str(device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -880,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.preset != "none":
             save_random_model(args.preset, model_dir, args.seed)
         args.model_dir = model_dir
-        result = (run_trainer if args.trainer else run_direct)(args, device, prompts)
+        result = run(args, device, prompts)
     rates.append(matmul_flops_per_sec(device, dtype))
     summary = summarize(args, device, result, time.perf_counter() - started, rates)
     print(json.dumps(summary), file=sys.stdout, flush=True)

@@ -44,10 +44,10 @@ from packing import DISTRIBUTIONS, response_lengths
 from presets import add_model_arguments, policy_config, save_random_model
 from torch import Tensor
 
+from lightning_rlhf.data import PreferenceCollator, SFTCollator
 from lightning_rlhf.functional import bradley_terry_loss, sft_loss
 from lightning_rlhf.models import LoraConfig
-from lightning_rlhf.packing import pack_rows
-from lightning_rlhf.pipeline_data import PreferenceCollator, SFTCollator
+from lightning_rlhf.models.packing import pack_rows
 from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule
 from lightning_rlhf.rewards import RewardModelScorer
 from lightning_rlhf.sft import SFTModule

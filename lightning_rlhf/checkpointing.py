@@ -1,4 +1,9 @@
-"""Crash-safe checkpoint files: ``AtomicCheckpointIO``.
+"""Checkpoints: crash-safe files (``AtomicCheckpointIO``) and the run state PPO keeps beside the weights.
+
+The run state is plain Python and tensors, so a checkpoint loads with ``torch.load(weights_only=True)``: every
+process's random states (:func:`gather_rng_states`, :func:`set_rng_state`) and what the trained weights are only
+valid with (:func:`base_model_fingerprint`).
+
 
 Lightning's default writer goes through an fsspec transaction whose temporary file lives in the system temp
 directory; when that is another filesystem than the checkpoint directory, the final move is a copy, and a process
@@ -10,7 +15,9 @@ at worst a hidden ``.<name>.*.tmp`` file is left behind. The ``lightning-rlhf`` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,3 +56,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+
+
+# ---------------------------------------------------------------------------------------------------------- run state
+def get_rng_state(shuffle_generator: torch.Generator) -> dict[str, Any]:
+    """This process's random states as plain tensors and lists (loadable with ``weights_only=True``)."""
+    version, mt_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss],
+        "shuffle": shuffle_generator.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], shuffle_generator: torch.Generator) -> None:
+    """Restore what :func:`get_rng_state` saved, into the global generators and ``shuffle_generator``."""
+    torch.set_rng_state(state["torch"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    shuffle_generator.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(shuffle_generator: torch.Generator) -> list[dict[str, Any]]:
+    """Every process's :func:`get_rng_state`, by rank (a collective under ``torch.distributed``; one entry without)."""
+    state = get_rng_state(shuffle_generator)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def base_model_fingerprint(policy: Any, lora: Any) -> dict[str, Any]:
+    """What trained weights are only valid with: the base model (hub id or directory, or the tiny model's shape and
+    seed) and the adapter layout, as plain dicts of the ``PolicyConfig`` ``policy`` and ``LoraConfig`` ``lora``."""
+    return {
+        "name_or_path": policy.name_or_path,
+        "tiny": None if policy.name_or_path else dataclasses.asdict(policy.tiny),
+        "lora": dataclasses.asdict(lora),
+    }

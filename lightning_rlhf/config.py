@@ -1,5 +1,6 @@
-"""Configuration of PPO: ``PPOConfig`` (validated, documented field by field) and helpers shared by the stages.
+"""Configuration of PPO and of its rollouts, and the helpers every stage shares to build its optimizer.
 
+``PPOConfig`` and ``GenerationConfig`` are validated and documented field by field (``--help`` shows each docstring).
 Pure: no Lightning import, so recipes parse and configs validate without building anything.
 """
 
@@ -7,16 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from lightning_rlhf import functional as F
+from lightning_rlhf.types import ForwardOptions
 
 ScoreNorm = Literal["none", "batch", "running"]
 SCORE_NORMS: tuple[str, ...] = ("none", "batch", "running")
 SCORE_NORM_EPS = 1e-8
 """Added to the score standard deviation before dividing."""
+ENGINES: tuple[str, ...] = ("cached", "hf")
+"""Sampling engines of :mod:`lightning_rlhf.models.engines`, by name."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +71,7 @@ class PPOConfig:
     """Rows per forward/backward (gradient accumulation within a minibatch); None = the whole minibatch."""
     packing: bool = False
     """Pack the real tokens of a micro-batch's rows into fewer rows for every scoring and update forward (no compute
-    on padding; :mod:`lightning_rlhf.packing`). Pays when responses end at different lengths; results equal the
+    on padding; :mod:`lightning_rlhf.models.packing`). Pays when responses end at different lengths; results equal the
     padded forward up to rounding. The model is checked to keep packed sequences apart before its first packed
     forward."""
     lm_head_chunk_size: int | None = None
@@ -90,7 +96,7 @@ class PPOConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, fix: str) -> None:
             if not ok:
-                raise ValueError(f"ppo.{field}={getattr(self, field)!r} is invalid: {fix}.")
+                raise ValueError(f"model.ppo.{field}={getattr(self, field)!r} is invalid: {fix}.")
 
         need(self.kl_estimator in F.KL_ESTIMATORS, "kl_estimator", f"choose one of {F.KL_ESTIMATORS}")
         need(self.aggregation in F.AGGREGATIONS, "aggregation", f"choose one of {F.AGGREGATIONS}")
@@ -118,6 +124,95 @@ class PPOConfig:
         need(self.early_stop_kl is None or self.early_stop_kl > 0, "early_stop_kl", "use a value > 0 or null")
         need(self.ratio_threshold is None or self.ratio_threshold > 1, "ratio_threshold", "use a value > 1 or null")
         need(self.max_consecutive_skips >= 0, "max_consecutive_skips", "use a value >= 0")
+
+    @property
+    def forward_options(self) -> ForwardOptions:
+        """How the scoring and update forwards run: ``packing`` and ``lm_head_chunk_size``."""
+        return ForwardOptions(packing=self.packing, lm_head_chunk_size=self.lm_head_chunk_size)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How responses are sampled during rollouts."""
+
+    max_new_tokens: int = 32
+    """Longest response; a response that reaches it without a stop token has ``ended`` False."""
+    temperature: float = 1.0
+    """Softmax temperature of sampling; old and reference logprobs use it too, also with greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 turns it off (logprobs ignore the truncation)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 turns it off (logprobs ignore the truncation)."""
+    do_sample: bool = True
+    """False decodes greedily (deterministic tests); the logprobs still use ``temperature``."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response besides the tokenizer's EOS."""
+    min_new_tokens: int = 0
+    """Stop tokens are forbidden before this many response tokens (the logprobs ignore that truncation)."""
+    engine: str = "auto"
+    """Sampling engine (:mod:`lightning_rlhf.models.engines`): ``"cached"`` (KV cache, finished rows leave the batch),
+    ``"hf"`` (transformers ``generate``), or ``"auto"``: ``"cached"``, except ``"hf"`` when the model is sharded
+    across processes (FSDP), where every process must run the same number of forwards."""
+    merge_lora: bool = True
+    """Merge the LoRA adapter into the base weights while generating (restored bit for bit afterwards); skipped where
+    it cannot apply (no adapter, sharded or quantized weights, ``modules_to_save``, DoRA)."""
+    batch_size: int | None = None
+    """Prompts sampled at once; None samples the whole per-device batch together (fastest; set it to cap memory)."""
+    cast_weights_once: bool = True
+    """Under autocast (``precision: bf16-mixed``), cast the sampled LM's weights to bfloat16 once per rollout instead
+    of once per decode step. Holds one bfloat16 copy of those weights while sampling; set false when memory is tight.
+    Not applied to a model sharded across processes (FSDP)."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(
+                f"model.generation.temperature must be > 0, got {self.temperature}; use do_sample=False for greedy."
+            )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"model.generation.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"model.generation.top_p must be in (0, 1], got {self.top_p}; use 1.0 to turn it off.")
+        if self.top_k < 0:
+            raise ValueError(f"model.generation.top_k must be >= 0, got {self.top_k}; use 0 to turn it off.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"model.generation.min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
+                f"{self.min_new_tokens}."
+            )
+        if self.engine not in (*ENGINES, "auto"):
+            raise ValueError(f"model.generation.engine must be 'auto', 'cached' or 'hf', got {self.engine!r}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"model.generation.batch_size must be >= 1 or None (whole batch), got {self.batch_size}.")
+
+
+def build_optimizers(
+    parameters: Iterable[torch.nn.Parameter],
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer],
+    lr_scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None,
+    interval: str | None = "step",
+) -> Any:
+    """What a stage's ``configure_optimizers`` returns: the optimizer of the trainable ``parameters`` and its scheduler.
+
+    Args:
+        parameters: the module's parameters; those that require grad are optimized.
+        optimizer_factory: builds the optimizer from them (LightningCLI ``OptimizerCallable``).
+        lr_scheduler_factory: builds an LR scheduler from the optimizer, or None.
+        interval: Lightning's scheduler ``interval`` (``"step"``: every optimizer step); None hands the scheduler back
+            bare, for a module that steps it itself (PPO steps it once per iteration).
+    Raises:
+        ValueError: nothing is trainable.
+    """
+    trainable = [p for p in parameters if p.requires_grad]
+    if not trainable:
+        raise ValueError("No trainable parameters: enable LoRA (model.lora.enabled) or full fine-tuning.")
+    optimizer = optimizer_factory(trainable)
+    if lr_scheduler_factory is None:
+        return optimizer
+    scheduler = lr_scheduler_factory(optimizer)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": scheduler if interval is None else {"scheduler": scheduler, "interval": interval},
+    }
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:

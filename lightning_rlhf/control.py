@@ -6,10 +6,12 @@ Each carries ``state_dict()`` / ``load_state_dict()`` of plain Python numbers so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from lightning_rlhf.functional import moment_sums
 
 ADAPTIVE_KL_ERROR_CLIP = 0.2
 """Ziegler et al. 2019 clip the proportional error e_t = KL / target - 1 to [-0.2, 0.2]."""
@@ -71,8 +73,8 @@ class RunningMoments:
     """Running mean and standard deviation of a stream of scores, in float64.
 
     Batches are merged with the parallel algorithm of Chan et al. (1979). To merge across processes, all-reduce
-    (sum) the batch's ``(count, sum, sum of squares)`` first and pass the totals to :meth:`update_from_sums`, so every
-    rank holds the same moments.
+    (sum) the batch's ``(count, sum, sum of squares)`` (:func:`~lightning_rlhf.functional.moment_sums`) first and pass
+    the totals to :meth:`update_from_sums`, so every rank holds the same moments.
     """
 
     def __init__(self) -> None:
@@ -84,17 +86,9 @@ class RunningMoments:
     def std(self) -> float:
         return math.sqrt(self.var)
 
-    @staticmethod
-    def sums(x: Tensor) -> Tensor:
-        """(3,) float64 tensor ``[count, sum, sum of squares]`` of ``x``: the reducible summary of one batch."""
-        x = x.detach().double().flatten()
-        return torch.stack(
-            [torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(), x.square().sum()]
-        )
-
     def update(self, x: Tensor) -> tuple[float, float]:
         """Merge the batch ``x`` into the moments; returns ``(batch_mean, batch_std)``."""
-        return self.update_from_sums(self.sums(x))
+        return self.update_from_sums(moment_sums(x))
 
     def update_from_sums(self, sums: Tensor) -> tuple[float, float]:
         """Merge a batch given as ``[count, sum, sum of squares]`` (possibly summed over ranks)."""
@@ -118,3 +112,17 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def normalize_scores(
+    raw: Tensor, mode: str, moments: RunningMoments, reduce_sum: Callable[[Tensor], Tensor] | None, eps: float
+) -> Tensor:
+    """Scores standardized as ``ppo.score_norm`` says: ``none`` as they are, ``batch`` with this rollout's mean and
+    standard deviation, ``running`` with ``moments`` updated by this rollout; over every process when ``reduce_sum``
+    (the strategy's all-reduce) is given. ``eps`` is added to the standard deviation."""
+    if mode == "none":
+        return raw
+    moments = RunningMoments() if mode == "batch" else moments
+    sums = moment_sums(raw)
+    moments.update_from_sums(sums if reduce_sum is None else reduce_sum(sums))
+    return (raw - moments.mean) / (moments.std + eps)

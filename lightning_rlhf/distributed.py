@@ -1,19 +1,25 @@
-"""What multi-process PPO needs beyond Lightning: global statistics, FSDP2 sharding of the policy, random states.
+"""What multi-process PPO needs beyond Lightning: the one home of global statistics, and FSDP2 sharding of the policy.
 
-Pure torch (no Lightning import); ``PPOModule`` passes in the strategy's all-reduce where one is needed.
+Global statistics are exact values over all processes, computed from summed ``(sum, count)`` pairs in one collective:
+:class:`GlobalStats` for the logged metrics, :func:`global_sums` for a few scalars (the alarms), :func:`whiten` for
+advantage whitening. Pure torch (no Lightning import); callers pass in the strategy's all-reduce (``reduce_sum``),
+or None for this process alone.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_rlhf.models import PolicyValueModel
+from lightning_rlhf import functional as F
+from lightning_rlhf.models.policy import PolicyValueModel
+
+ReduceSum = Callable[[Tensor], Tensor]
+"""Sums a tensor over all processes (the strategy's all-reduce), returning it on the caller's device."""
 
 
 def fully_shard_policy(model: PolicyValueModel, mesh: Any) -> None:
@@ -49,28 +55,6 @@ def full_value(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def get_rng_state(shuffle_generator: torch.Generator) -> dict[str, Any]:
-    """This process's random states as plain tensors and lists (loadable with ``weights_only=True``)."""
-    version, mt_state, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": [version, list(mt_state), gauss],
-        "shuffle": shuffle_generator.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], shuffle_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    shuffle_generator.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class GlobalStats:
     """Accumulates (sum, count) pairs and reduces them across processes in one collective."""
 
@@ -91,3 +75,41 @@ class GlobalStats:
         as_tensor = [torch.as_tensor(v, dtype=torch.float64, device=device) for n in names for v in self._sums[n]]
         packed = reduce_sum(torch.stack(as_tensor).view(len(names), 2)).cpu()
         return {n: float(packed[i, 0] / packed[i, 1]) if packed[i, 1] > 0 else math.nan for i, n in enumerate(names)}
+
+
+def global_sums(reduce_sum: ReduceSum, *values: Tensor | float) -> list[float]:
+    """Sums of scalars over all processes, in one collective that every process must reach."""
+    device = next((v.device for v in values if isinstance(v, Tensor)), torch.device("cpu"))
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    return reduce_sum(packed).tolist()
+
+
+def explained_variance(returns: Tensor, values: Tensor, mask: Tensor, reduce_sum: ReduceSum | None = None) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the True entries of ``mask`` on every process together (or on
+    this one, ``reduce_sum`` None): how much of the returns the critic predicts. NaN for constant returns.
+
+    Variances are over all entries together (population moments), from one collective of sums.
+    """
+    returns, residual = returns.double()[mask], (returns - values).double()[mask]
+    sums = (mask.sum(), returns.sum(), returns.square().sum(), residual.sum(), residual.square().sum())
+    n, r, r2, e, e2 = global_sums(reduce_sum, *sums) if reduce_sum is not None else [float(v) for v in sums]
+    var_returns = r2 / n - (r / n) ** 2
+    return 1.0 - (e2 / n - (e / n) ** 2) / var_returns if var_returns > 0 else math.nan
+
+
+def whiten(x: Tensor, mask: Tensor, reduce_sum: ReduceSum | None) -> Tensor | None:
+    """``x`` whitened over the True entries of ``mask`` on every process together, or on this one (``reduce_sum``
+    None, :func:`~lightning_rlhf.functional.masked_whiten` itself); None when they are fewer than 2 (no variance).
+
+    Every process must call it when ``reduce_sum`` is given (one collective of ``[count, sum, sum of squares]``).
+    """
+    sums = F.moment_sums(x[mask])
+    if reduce_sum is not None:
+        sums = reduce_sum(sums)
+    count, total, total_sq = sums.tolist()
+    if count < 2:
+        return None
+    if reduce_sum is None:
+        return F.masked_whiten(x, mask)
+    mean = total / count
+    return F.masked_whiten(x, mask, mean=mean, var=(total_sq - count * mean**2) / (count - 1))

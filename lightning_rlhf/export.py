@@ -21,7 +21,7 @@ Where this departs from the usual ``save_pretrained`` export:
   restore it bit for bit. A merged ``lm_head`` trained through ``modules_to_save`` replaces the base one; when the base
   ties it to the input embeddings, peft unties them in the merged config.
 - **Full tensors only.** Under a sharded strategy the caller gathers the weights first and exports on one process
-  (:class:`lightning_rlhf.export_callback.ExportCallback` does this under FSDP2).
+  (:class:`lightning_rlhf.callbacks.ExportCallback` does this under FSDP2).
 - :func:`export_from_checkpoint` rebuilds the model from the checkpoint's ``policy`` and ``lora`` hyperparameters
   without constructing a ``PPOModule`` (so neither this module nor the command imports Lightning), then loads the
   checkpoint's trained weights (checkpoints hold only those; the frozen base is rebuilt).

@@ -34,16 +34,24 @@ from torch import Tensor
 
 from lightning_rlhf import functional as F
 from lightning_rlhf import strategies as _strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
-from lightning_rlhf.config import SCORE_NORM_EPS, PPOConfig, as_config, default_optimizer
-from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
-from lightning_rlhf.distributed import GlobalStats, full_value, fully_shard_policy, get_rng_state, set_rng_state
+from lightning_rlhf.checkpointing import base_model_fingerprint, gather_rng_states, set_rng_state
+from lightning_rlhf.config import (
+    SCORE_NORM_EPS,
+    GenerationConfig,
+    PPOConfig,
+    as_config,
+    build_optimizers,
+    default_optimizer,
+)
+from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments, normalize_scores
+from lightning_rlhf.distributed import GlobalStats, explained_variance, full_value, fully_shard_policy, whiten
+from lightning_rlhf.functional.random_streams import response_keys
 from lightning_rlhf.loss import micro_batch_weight, ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, cast_weights, load_tokenizer
 from lightning_rlhf.modes import full_precision
 from lightning_rlhf.precision import keep_trained_weights_float32
-from lightning_rlhf.random_streams import response_keys
 from lightning_rlhf.rewards import Reward, call_reward, validate_scores
-from lightning_rlhf.rollout import GenerationConfig, generate_rollout
+from lightning_rlhf.rollout import generate_rollout
 from lightning_rlhf.types import Rollout, RolloutSamples
 
 
@@ -107,7 +115,7 @@ class PPOModule(LightningModule):
         self.score_moments = RunningMoments()
         self.shuffle_generator = torch.Generator()
         self.sampling_seed = torch.initial_seed()
-        """Seed of the responses' random streams (:func:`~lightning_rlhf.random_streams.response_keys`): the run's seed,
+        """Seed of the responses' random streams (:func:`~lightning_rlhf.functional.response_keys`): the run's seed,
         read again in ``setup`` (after ``seed_everything``) and restored from a checkpoint."""
         self._consecutive_skips = 0
         self._iteration_counted = False
@@ -130,13 +138,8 @@ class PPOModule(LightningModule):
         return self.device_mesh is not None
 
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("No trainable parameters: enable LoRA (lora.enabled) or full fine-tuning.")
-        optimizer = self.optimizer_factory(trainable)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        # The scheduler is returned bare: ppo_update steps it once per PPO iteration.
+        return build_optimizers(self.parameters(), self.optimizer_factory, self.lr_scheduler_factory, interval=None)
 
     def setup(self, stage: str) -> None:
         if isinstance(self.trainer.strategy, FSDPStrategy):
@@ -160,7 +163,7 @@ class PPOModule(LightningModule):
                 "to compute in bfloat16 with float32 weights."
             )
         # Seeded before a checkpoint restore (which then overwrites them); the shuffle is distinct per rank, the
-        # sampling streams are named by prompt (the same seed everywhere, see _rollout).
+        # sampling streams are named by prompt (the same seed everywhere, see rollout).
         self.sampling_seed = torch.initial_seed()
         self.shuffle_generator.manual_seed(torch.initial_seed() % 2**62 + self.global_rank)
 
@@ -171,19 +174,12 @@ class PPOModule(LightningModule):
             self.eval_reward.setup(self.device)
 
     # ---------------------------------------------------------------------------------------------------- the reward
-    def reward(
-        self,
-        prompts: list[str],
-        responses: list[str],
-        *,
-        prompt_ids: Tensor | None = None,
-        response_ids: Tensor | None = None,
-        response_mask: Tensor | None = None,
-    ) -> Tensor:
+    def reward(self, prompts: list[str], responses: list[str], **tensors: Tensor | None) -> Tensor:
         """Sequence-level scores, (B,). Override in a subclass to supply a custom reward.
 
-        The default calls the configured ``reward`` (a :class:`Reward` gets the token tensors too) and wraps anything
-        it raises in a ``RuntimeError`` that names it.
+        ``tensors`` are the policy's token tensors, as :meth:`lightning_rlhf.rewards.Reward.__call__` documents them
+        (``prompt_ids``, ``response_ids``, ``response_mask``). The default calls the configured ``reward`` (a
+        :class:`Reward` gets the token tensors too) and wraps anything it raises in a ``RuntimeError`` that names it.
         """
         if self.reward_fn is None:
             raise NotImplementedError(
@@ -195,9 +191,7 @@ class PPOModule(LightningModule):
             prompts,
             responses,
             allow_non_finite=True,  # the caller decides: an error on the first iteration, a skipped one later
-            prompt_ids=prompt_ids,
-            response_ids=response_ids,
-            response_mask=response_mask,
+            **tensors,
         )
 
     # ------------------------------------------------------------------------------------------------ training step
@@ -206,21 +200,21 @@ class PPOModule(LightningModule):
         self._check_batch(batch)
         stats = GlobalStats()
         # 1. rollout (no grad): sample responses; old and reference logprobs; values         -> rollout.py
-        rollout = self._rollout(batch)
-        # 2. score: reward on (prompt, response), then normalize / clip / missing-EOS penalty -> rewards.py
-        scored = self._score(batch["prompts"], rollout, stats)
+        rollout = self.rollout(batch)
+        # 2. score: reward on (prompt, response), then normalize / clip / missing-EOS penalty -> rewards/
+        scored = self.score(batch["prompts"], rollout, stats)
         if scored is None:  # non-finite scores after the first iteration: no update from this rollout
             self._skip_iteration()
             return
         rollout, samples = scored
         # 3. shape: per-token reward = score at last token - kl_coef * KL                   -> functional.token_rewards
-        rollout = self._shape_rewards(rollout, stats)
+        rollout = self.shape_rewards(rollout, stats)
         # 4. advantages: GAE, then masked whitening                                         -> functional.gae
-        rollout = self._advantages(rollout, stats)
+        rollout = self.estimate_advantages(rollout, stats)
+        rollout_seconds = time.perf_counter() - started  # before the hooks: a slow callback is not the rollout's
         self._call_rl_hook("on_rollout_end", rollout=rollout, samples=samples)
-        rollout_seconds = time.perf_counter() - started
-        # 5. optimise: ppo_epochs x shuffled minibatches; manual_backward; clip; step        -> self._ppo_update
-        self._ppo_update(rollout, stats)
+        # 5. optimise: ppo_epochs x shuffled minibatches; manual_backward; clip; step        -> loss.ppo_objective
+        self.ppo_update(rollout, stats)
         # 6. log: global metrics under group/name keys; update the KL controller
         self._log_and_control(rollout, stats, rollout_seconds, time.perf_counter() - started)
 
@@ -230,18 +224,20 @@ class PPOModule(LightningModule):
             raise ValueError("Received an empty prompt batch; check the data source and data.batch_size.")
         if size % self.ppo.num_minibatches:
             raise ValueError(
-                f"ppo.num_minibatches={self.ppo.num_minibatches} must divide the per-device batch size {size}; "
-                f"change ppo.num_minibatches or data.batch_size."
+                f"model.ppo.num_minibatches={self.ppo.num_minibatches} must divide the per-device batch size {size}; "
+                f"change model.ppo.num_minibatches or data.batch_size."
             )
         minibatch = size // self.ppo.num_minibatches
         micro = self.ppo.micro_batch_size
         if micro is not None and minibatch % micro:
             raise ValueError(
-                f"ppo.micro_batch_size={micro} must divide the minibatch size {minibatch} "
-                f"(= batch {size} / ppo.num_minibatches {self.ppo.num_minibatches})."
+                f"model.ppo.micro_batch_size={micro} must divide the minibatch size {minibatch} "
+                f"(= batch {size} / model.ppo.num_minibatches {self.ppo.num_minibatches})."
             )
 
-    def _rollout(self, batch: dict[str, Any]) -> Rollout:
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        """Step 1: sample a response to every prompt of ``batch`` and score it with the rollout policy, the reference
+        and the critic (:func:`~lightning_rlhf.rollout.generate_rollout`)."""
         assert self.model is not None
         # One random stream per response, named by (seed, iteration, prompt): processes sample different responses
         # because they hold different prompts, and a prompt's responses do not depend on the number of devices.
@@ -255,8 +251,7 @@ class PPOModule(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
             micro_batch_size=self.ppo.micro_batch_size,
             synced_gpus=self.sharded,
-            packing=self.ppo.packing,
-            lm_head_chunk_size=self.ppo.lm_head_chunk_size,
+            options=self.ppo.forward_options,
             sample_keys=keys,
         )
 
@@ -273,8 +268,8 @@ class PPOModule(LightningModule):
         rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.text_mask(), strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples] | None:
-        """Score the rollout; None when, after the first iteration, any process got a NaN or infinite score.
+    def score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples] | None:
+        """Step 2: score the rollout; None when, after the first iteration, any process got a NaN or infinite score.
 
         On the first iteration every problem with the scores (non-finite included) raises, so a broken reward stops
         the run before any weight moves; later, a rare non-finite score skips one iteration instead of a long run.
@@ -312,22 +307,16 @@ class PPOModule(LightningModule):
 
         The penalty comes last so it is in the units of the normalized score whatever the reward's scale.
         """
-        scores = self._normalize_scores(raw)
+        reduce_sum = self._all_reduce_sum if self.ppo.stats_scope == "global" else None
+        scores = normalize_scores(raw, self.ppo.score_norm, self.score_moments, reduce_sum, SCORE_NORM_EPS)
         if self.ppo.score_clip is not None:
             scores = scores.clamp(-self.ppo.score_clip, self.ppo.score_clip)
         if self.ppo.missing_eos_penalty is not None:
             scores = torch.where(ended, scores, scores - self.ppo.missing_eos_penalty)
         return scores
 
-    def _normalize_scores(self, raw: Tensor) -> Tensor:
-        if self.ppo.score_norm == "none":
-            return raw
-        moments = RunningMoments() if self.ppo.score_norm == "batch" else self.score_moments
-        sums = RunningMoments.sums(raw)
-        moments.update_from_sums(self._all_reduce_sum(sums) if self.ppo.stats_scope == "global" else sums)
-        return (raw - moments.mean) / (moments.std + SCORE_NORM_EPS)
-
-    def _shape_rewards(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
+    def shape_rewards(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
+        """Step 3: per-token rewards, ``-kl_coef * KL`` on every response token plus the score on the last one."""
         kl = F.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.ppo.kl_estimator)
         kl = torch.where(rollout.response_mask, kl, 0.0)
         rewards = F.token_rewards(rollout.scores, kl, rollout.response_mask, self.kl_ctl.value)
@@ -342,37 +331,29 @@ class PPOModule(LightningModule):
         A rollout with fewer than 2 real tokens (a per-device batch of one 1-token response under ``local``) has no
         variance: its advantages are used as they are, with a warning.
         """
-        sums = RunningMoments.sums(advantages[mask])  # [count, sum, sum of squares]
-        if self.ppo.stats_scope == "global":
-            sums = self._all_reduce_sum(sums)
-        count, total, total_sq = sums.tolist()
-        if count < 2:
+        whitened = whiten(advantages, mask, self._all_reduce_sum if self.ppo.stats_scope == "global" else None)
+        if whitened is None:
             warnings.warn(
-                f"Advantage whitening skipped for this rollout: it has {count:.0f} response token(s), and whitening "
-                f"needs 2 (ppo.stats_scope={self.ppo.stats_scope!r}). Raise data.batch_size or use stats_scope global.",
+                "Advantage whitening skipped for this rollout: it has fewer than 2 response tokens "
+                f"(model.ppo.stats_scope={self.ppo.stats_scope!r}), so no variance to divide by. Raise "
+                "data.batch_size or use model.ppo.stats_scope global.",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return advantages
-        if self.ppo.stats_scope == "local":
-            return F.masked_whiten(advantages, mask)
-        mean = total / count
-        var = (total_sq - count * mean**2) / (count - 1)
-        return F.masked_whiten(advantages, mask, mean=mean, var=var)
+        return whitened
 
-    def _advantages(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
+    def estimate_advantages(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
+        """Step 4: GAE advantages and returns over the response tokens, then masked whitening."""
         advantages, returns = F.gae(
             rollout.rewards, rollout.old_values, rollout.response_mask, self.ppo.gamma, self.ppo.gae_lambda
         )
         if self.ppo.whiten_advantages:
             advantages = self._whiten(advantages, rollout.response_mask)
-        # Explained variance of the rollout critic, from global sums: 1 - Var(R - V) / Var(R) over real tokens.
         mask, n_tokens = rollout.response_mask, rollout.response_mask.sum()
-        residual = returns - rollout.old_values
         stats.add("value/returns", F.masked_sum(returns, mask), n_tokens)
-        stats.add("value/_returns_sq", F.masked_sum(returns.double().square(), mask), n_tokens)
-        stats.add("value/_residual", F.masked_sum(residual.double(), mask), n_tokens)
-        stats.add("value/_residual_sq", F.masked_sum(residual.double().square(), mask), n_tokens)
+        # The same global value on every process: its mean over them is itself.
+        stats.add("value/explained_var", explained_variance(returns, rollout.old_values, mask, self._all_reduce_sum))
         return dataclasses.replace(rollout, advantages=advantages, returns=returns)
 
     def _any_process(self, flag: bool) -> bool:
@@ -392,7 +373,7 @@ class PPOModule(LightningModule):
             raise RuntimeError(
                 f"{self._consecutive_skips} consecutive PPO iterations or updates were skipped, the last because "
                 f"{reason}. Lower the learning rate, fix the reward (guard divisions, clip extreme values), or raise "
-                "ppo.max_consecutive_skips."
+                "model.ppo.max_consecutive_skips."
             )
         rank_zero_warn(f"Skipping a PPO {what} because {reason}.", category=RuntimeWarning)
 
@@ -403,7 +384,8 @@ class PPOModule(LightningModule):
         optimizer.step()
 
     # ---------------------------------------------------------------------------------------------- the PPO update
-    def _ppo_update(self, rollout: Rollout, stats: GlobalStats) -> None:
+    def ppo_update(self, rollout: Rollout, stats: GlobalStats) -> None:
+        """Step 5: ``ppo_epochs`` passes of ``num_minibatches`` shuffled minibatches, one optimizer step each."""
         optimizer = self.optimizers()
         self._iteration_counted = False
         applied = skipped = 0
@@ -448,11 +430,12 @@ class PPOModule(LightningModule):
             minibatch = minibatch.select(minibatch.length_order())
         starts = range(0, len(minibatch), micro)
         for start in starts:
-            part = minibatch.select(torch.arange(start, min(start + micro, len(minibatch)), device=self.device))
+            rows = torch.arange(start, min(start + micro, len(minibatch)), device=self.device)
+            micro_batch = minibatch.select(rows)
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
             # the gradient of the minibatch loss under either aggregation.
-            weight = micro_batch_weight(part, len(minibatch), tokens, self.ppo.aggregation)
-            loss = self._loss(part, stats, minibatch_stats)
+            weight = micro_batch_weight(micro_batch, len(minibatch), tokens, self.ppo.aggregation)
+            loss = self._loss(micro_batch, stats, minibatch_stats)
             # DDP all-reduces the gradient once per minibatch, after its last micro-batch (no_sync before: the sum is
             # the same). FSDP2 reduce-scatters after each, which keeps its gradients sharded.
             with contextlib.nullcontext() if start == starts[-1] else self._gradient_sync_blocked():
@@ -478,7 +461,7 @@ class PPOModule(LightningModule):
         if not (math.isfinite(grad_norm) and math.isfinite(minibatch_stats["loss/total"])):
             reason = f"the loss ({minibatch_stats['loss/total']}) or gradient norm ({grad_norm}) is non-finite"
         elif self.ppo.ratio_threshold is not None and minibatch_stats["policy/ratio_mean"] > self.ppo.ratio_threshold:
-            reason = f"the mean ratio {minibatch_stats['policy/ratio_mean']:.3g} > ppo.ratio_threshold"
+            reason = f"the mean ratio {minibatch_stats['policy/ratio_mean']:.3g} > model.ppo.ratio_threshold"
         if reason is not None:
             optimizer.zero_grad(set_to_none=True)
             self._count_skip(reason, what="update")
@@ -491,9 +474,9 @@ class PPOModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)
         return True
 
-    def _loss(self, part: Rollout, stats: GlobalStats, minibatch_stats: GlobalStats) -> Tensor:
+    def _loss(self, micro_batch: Rollout, stats: GlobalStats, minibatch_stats: GlobalStats) -> Tensor:
         assert self.model is not None
-        terms = ppo_objective(self.model, part, self.ppo, self.generation.temperature)
+        terms = ppo_objective(self.model, micro_batch, self.ppo, self.generation.temperature)
         n = terms.tokens
         for record in (stats, minibatch_stats):
             record.add("loss/policy", terms.policy_loss * n, n)
@@ -543,9 +526,6 @@ class PPOModule(LightningModule):
         metrics = stats.reduce(self._all_reduce_sum, self.device)
         score_sq = metrics.pop("rollout/_score_sq")
         metrics["rollout/score_std"] = math.sqrt(max(score_sq - metrics["rollout/score"] ** 2, 0.0))
-        var_returns = metrics.pop("value/_returns_sq") - metrics["value/returns"] ** 2
-        var_residual = metrics.pop("value/_residual_sq") - metrics.pop("value/_residual") ** 2
-        metrics["value/explained_var"] = 1.0 - var_residual / var_returns if var_returns > 0 else math.nan
         gen_tokens = metrics.pop("perf/_gen_tokens") * self.trainer.world_size
         metrics["perf/tokens_per_sec"] = gen_tokens / max(seconds, 1e-9)
         metrics["perf/rollout_sec"] = rollout_seconds
@@ -565,18 +545,18 @@ class PPOModule(LightningModule):
         checkpoint["lightning_rlhf"] = {
             "kl_ctl": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(),
-            "base_model": self._base_model_fingerprint(),
+            "base_model": base_model_fingerprint(self.policy_config, self.lora_config),
             "sampling_seed": self.sampling_seed,
             # Every process's random states (minibatch shuffling, the global generators), so a resumed run continues
             # exactly; sampling needs only the seed and the step.
-            "rng": self._gather_rng_states(),
+            "rng": gather_rng_states(self.shuffle_generator),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lightning_rlhf")
         if state is None:
             raise ValueError("This checkpoint was not written by PPOModule (no 'lightning_rlhf' entry); cannot resume.")
-        saved, current = state["base_model"], self._base_model_fingerprint()
+        saved, current = state["base_model"], base_model_fingerprint(self.policy_config, self.lora_config)
         if saved != current:
             raise ValueError(
                 f"The checkpoint was trained on another base model or adapter layout: it has {saved}, this run has "
@@ -593,19 +573,3 @@ class PPOModule(LightningModule):
                 f"The checkpoint holds random states of {len(rng)} processes, this run has {world_size}: "
                 "minibatch shuffling continues from fresh random states, so the run is not an exact continuation."
             )
-
-    def _base_model_fingerprint(self) -> dict[str, Any]:
-        """What the trained weights are only valid with: the base model and the adapter layout."""
-        return {
-            "name_or_path": self.policy_config.name_or_path,
-            "tiny": None if self.policy_config.name_or_path else dataclasses.asdict(self.policy_config.tiny),
-            "lora": dataclasses.asdict(self.lora_config),
-        }
-
-    def _gather_rng_states(self) -> list[dict[str, Any]]:
-        state = get_rng_state(self.shuffle_generator)
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return [state]
-        states: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(states, state)
-        return states

@@ -8,7 +8,7 @@ backbone then gets a new scalar head ("a causal LM with a scalar head", as in In
 starts from the SFT model). ``None`` builds a tiny random Llama with a scalar head.
 
 Speed: with ``packing: true`` each batch's sequences (both halves of every pair) run packed into fewer rows
-(:mod:`lightning_rlhf.packing`): no compute on padding, scores equal to the padded forward's up to rounding.
+(:mod:`lightning_rlhf.models.packing`): no compute on padding, scores equal to the padded forward's up to rounding.
 
 Metrics (torchmetrics, per step in training and over the whole set in validation): ``train/loss``,
 ``train/accuracy`` (share of pairs with r_chosen > r_rejected; a tie counts as wrong), ``train/margin`` (mean
@@ -18,7 +18,7 @@ The hand-off to PPO: at the end of ``fit`` the module writes ``output_dir`` as a
 sequence-classification directory (merged weights if LoRA was used, ``num_labels=1``, ``pad_token_id`` set) with the
 tokenizer, which :class:`~lightning_rlhf.rewards.RewardModelScorer` loads directly:
 ``reward: {class_path: lightning_rlhf.rewards.RewardModelScorer, init_args: {name_or_path: <output_dir>}}``. Training
-data (:class:`~lightning_rlhf.pipeline_data.PreferenceDataModule`) is encoded exactly as the scorer encodes PPO's
+data (:class:`~lightning_rlhf.data.PreferenceDataModule`) is encoded exactly as the scorer encodes PPO's
 rollouts, so the scores PPO optimizes are the ones the model was trained to give.
 """
 
@@ -38,45 +38,20 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf import functional as F
-from lightning_rlhf.config import as_config
+from lightning_rlhf.config import as_config, build_optimizers
 from lightning_rlhf.models import (
-    BYTE_TOKENIZER,
     LoraConfig,
-    TinyModelConfig,
-    _check_dtype,
-    _enable_checkpointing,
-    _naming_attn_implementation,
-    build_tiny,
-    load_pretrained_tokenizer,
+    RewardModelConfig,
+    build_model,
+    cast_weights,
+    check_local_path,
+    load_tokenizer,
     packed_classifier_scores,
 )
+from lightning_rlhf.precision import keep_trained_weights_float32
 
 METRICS = ("loss", "accuracy", "margin")
 """Logged under ``train/`` and ``val/``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardModelConfig:
-    """Which model becomes the reward model, and how to load it."""
-
-    name_or_path: str | None = None
-    """HF hub id or local directory of a sequence-classification model (``num_labels=1``) or of a causal LM, which
-    gets a new scalar head; None builds a tiny random Llama with a scalar head from ``tiny``."""
-    tokenizer: str | None = None
-    """Tokenizer hub id or directory; None means the same as ``name_or_path``, or ``"byte"`` (ByT5, no files) when
-    that is None."""
-    dtype: str = "float32"
-    """Parameter dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
-    trust_remote_code: bool = False
-    """Allow model and tokenizer code from the checkpoint's repository to run."""
-    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
-    """Shape of the tiny random model; used only when ``name_or_path`` is None."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder activations in the backward pass (non-reentrant checkpointing) to save memory."""
-    attn_implementation: str | None = None
-    """Attention kernel, passed to ``transformers``: None keeps its default (``"sdpa"``); ``"eager"``, ``"sdpa"``,
-    ``"flex_attention"``, or ``"flash_attention_2"`` (needs the ``flash-attn`` package and a GPU; it runs packed rows,
-    ``packing``, with variable-length kernels instead of a block mask)."""
 
 
 def default_rm_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -84,100 +59,34 @@ def default_rm_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1.0e-5, weight_decay=0.0)
 
 
-def load_rm_tokenizer(cfg: RewardModelConfig) -> Any:
-    """The tokenizer of ``cfg`` with a pad token (EOS if it has none) and right padding.
-
-    Raises:
-        ValueError: the tokenizer has neither a pad nor an EOS token.
-        OSError: it cannot be loaded (the message names ``reward_model.tokenizer`` or ``reward_model.name_or_path``).
-    """
-    name = cfg.tokenizer or cfg.name_or_path or BYTE_TOKENIZER
-    option = "reward_model.tokenizer" if cfg.tokenizer else "reward_model.name_or_path"
-    if name == BYTE_TOKENIZER:
-        tokenizer = transformers.ByT5Tokenizer()
-    else:
-        tokenizer = load_pretrained_tokenizer(name, option, cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"The tokenizer {option}={name!r} has neither a pad nor an EOS token; add a pad token.")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-ATTN_OPTION = "reward_model.attn_implementation"
-
-
-def _tiny_reward_model(cfg: RewardModelConfig, tokenizer: Any, dtype: torch.dtype) -> nn.Module:
-    with _naming_attn_implementation(cfg.attn_implementation, ATTN_OPTION):
-        return build_tiny(
-            transformers.AutoModelForSequenceClassification,
-            cfg.tiny,
-            tokenizer,
-            dtype,
-            cfg.attn_implementation,
-            num_labels=1,
-        )
-
-
-def _pretrained_reward_model(cfg: RewardModelConfig, dtype: torch.dtype) -> nn.Module:
-    name = cfg.name_or_path
-    try:
-        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:
-        raise OSError(f"Could not load reward_model.name_or_path={name!r}: {err}") from err
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or ()))
-    if is_classifier and config.num_labels != 1:
-        raise ValueError(
-            f"reward_model.name_or_path={name!r} is a classifier with num_labels={config.num_labels}; a reward model "
-            f"has one scalar output. Start from its base model (a causal LM) or a num_labels=1 checkpoint."
-        )
-    try:
-        with _naming_attn_implementation(cfg.attn_implementation, ATTN_OPTION):
-            return transformers.AutoModelForSequenceClassification.from_pretrained(
-                name,
-                num_labels=1,
-                dtype=dtype,
-                trust_remote_code=cfg.trust_remote_code,
-                attn_implementation=cfg.attn_implementation,
-            )
-    except ValueError as err:
-        if str(err).startswith(ATTN_OPTION):
-            raise
-        raise ValueError(
-            f"reward_model.name_or_path={name!r} ({type(config).__name__}) has no sequence-classification class in "
-            f"transformers: {err}"
-        ) from err
-
-
 def build_reward_model(cfg: RewardModelConfig, lora: LoraConfig, tokenizer: Any) -> nn.Module:
-    """The scalar reward model of ``cfg``, with ``config.pad_token_id`` = the tokenizer's pad id, and LoRA or not.
+    """The scalar reward model of ``cfg`` (:func:`~lightning_rlhf.models.build_model` as a sequence classifier with
+    one label, LoRA training its new head in full), with ``config.pad_token_id`` = the tokenizer's pad id.
 
     The pad id is set so the head reads the score at the last real token of a right-padded row, the way
-    :class:`~lightning_rlhf.pipeline_data.PreferenceCollator` and ``RewardModelScorer`` pad.
+    :class:`~lightning_rlhf.data.PreferenceCollator` and ``RewardModelScorer`` pad.
+
+    Raises:
+        ValueError: ``reward_model.name_or_path`` is a classifier with several labels.
     """
-    dtype = _check_dtype(cfg.dtype)
-    model = (
-        _tiny_reward_model(cfg, tokenizer, dtype) if cfg.name_or_path is None else _pretrained_reward_model(cfg, dtype)
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
-        _enable_checkpointing(model)
-    if not lora.enabled:
-        return model.requires_grad_(True)
-    config = peft.LoraConfig(
-        task_type="SEQ_CLS",  # peft then trains the new scalar head ("score" / "classifier") in full as well
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        modules_to_save=lora.modules_to_save,
-    )
-    peft_model = peft.get_peft_model(model, config)
-    if cfg.gradient_checkpointing:
-        model.disable_input_require_grads()  # peft adds the hook again; only reentrant checkpointing needs it
-    return peft_model
+    if cfg.name_or_path is not None:
+        check_local_path(cfg.name_or_path, "model.reward_model.name_or_path")
+        try:
+            config = transformers.AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        except OSError as err:
+            raise OSError(f"Could not load model.reward_model.name_or_path={cfg.name_or_path!r}: {err}") from err
+        is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or ()))
+        if is_classifier and config.num_labels != 1:
+            raise ValueError(
+                f"model.reward_model.name_or_path={cfg.name_or_path!r} is a classifier with "
+                f"num_labels={config.num_labels}; a reward model has one scalar output. Start from its base model (a "
+                "causal LM) or a num_labels=1 checkpoint."
+            )
+    classifier = transformers.AutoModelForSequenceClassification
+    model = build_model(cfg, lora, tokenizer, "model.reward_model", classifier, "SEQ_CLS", num_labels=1)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 class RewardModelModule(LightningModule):
@@ -224,25 +133,24 @@ class RewardModelModule(LightningModule):
         self.packing = packing
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.tokenizer = load_rm_tokenizer(self.reward_model_config)
+        self.tokenizer = load_tokenizer(self.reward_model_config, "model.reward_model", padding_side="right")
         self.model: nn.Module | None = None
+        self.frozen_dtype: torch.dtype | None = None
+        """The frozen weights' dtype under ``precision: bf16-true`` (set in ``setup``): trained weights stay float32."""
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in METRICS})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in METRICS})
 
     # ------------------------------------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        self.frozen_dtype = keep_trained_weights_float32(self.trainer)
+
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = build_reward_model(self.reward_model_config, self.lora_config, self.tokenizer)
+            model = build_reward_model(self.reward_model_config, self.lora_config, self.tokenizer)
+            self.model = cast_weights(model, self.frozen_dtype)
 
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("No trainable parameters: enable LoRA (lora.enabled) or full fine-tuning.")
-        optimizer = self.optimizer_factory(trainable)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizers(self.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(N,) float32 scores of right-padded sequences ``input_ids`` (N, L) with bool ``attention_mask``."""

@@ -2,7 +2,7 @@
 
 The loss is the next-token negative log-likelihood of the **response tokens only** (token-mean over the batch,
 :func:`lightning_rlhf.functional.sft_loss`); prompt and padding tokens are context, never targets. Data comes from
-:class:`lightning_rlhf.pipeline_data.SFTDataModule`, which encodes prompts exactly as PPO's
+:class:`lightning_rlhf.data.SFTDataModule`, which encodes prompts exactly as PPO's
 :class:`~lightning_rlhf.data.PromptDataModule` does, so the PPO policy continues prompts the way it was taught to.
 
 The hand-off to PPO: at the end of ``fit`` the module writes ``output_dir`` as a plain Hugging Face model directory,
@@ -14,7 +14,7 @@ a frozen copy of it). With LoRA and ``save_adapter``, the SFT adapter alone is a
 Speed: ``lm_head`` runs only at the positions that predict a trained token (with a 150k-token vocabulary the logits
 of prompt and padding positions would otherwise be most of the step's memory; ``lm_head_chunk_size`` makes and
 recomputes them a chunk of tokens at a time), and ``packing: true`` packs each
-batch's sequences into fewer rows (:mod:`lightning_rlhf.packing`), so no compute goes to padding. Packing stays
+batch's sequences into fewer rows (:mod:`lightning_rlhf.models.packing`), so no compute goes to padding. Packing stays
 within a batch, like TRL's ``padding_free``: every step sees the same sequences and the same token-mean loss as the
 padded run (equal up to rounding), unlike TRL's ``packing``, which cuts a stream of examples into fixed-length rows.
 
@@ -37,45 +37,24 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf import functional as F
-from lightning_rlhf.config import as_config
+from lightning_rlhf.config import as_config, build_optimizers
 from lightning_rlhf.models import (
     LoraConfig,
     PolicyConfig,
-    _attach_lora,
-    _check_dtype,
-    _enable_checkpointing,
-    _pretrained,
-    _tiny_llama,
+    build_model,
+    cast_weights,
     final_hidden,
     head_outputs,
     load_tokenizer,
     unwrap_peft,
 )
+from lightning_rlhf.precision import keep_trained_weights_float32
 from lightning_rlhf.types import SFTLossStats
 
 
 def default_sft_optimizer(params: Any) -> torch.optim.Optimizer:
     """AdamW with lr 1e-4 and no weight decay, used when the recipe names no optimizer."""
     return torch.optim.AdamW(params, lr=1.0e-4, weight_decay=0.0)
-
-
-def build_causal_lm(cfg: PolicyConfig, lora: LoraConfig, tokenizer: Any) -> nn.Module:
-    """The causal LM of ``cfg`` (hub id, directory, or tiny random Llama), with a LoRA adapter or fully trainable.
-
-    Raises:
-        ValueError: an invalid ``policy.dtype`` or ``lora.target_modules`` that match nothing.
-        FileNotFoundError: ``policy.name_or_path`` is a local path that does not exist.
-    """
-    dtype = _check_dtype(cfg.dtype)
-    lm = _tiny_llama(cfg, tokenizer, dtype) if cfg.name_or_path is None else _pretrained(cfg, dtype)
-    if cfg.gradient_checkpointing:
-        _enable_checkpointing(lm)
-    if not lora.enabled:
-        return lm.requires_grad_(True)
-    peft_lm = _attach_lora(lm, lora)
-    if cfg.gradient_checkpointing:
-        lm.disable_input_require_grads()  # peft adds the hook again; only reentrant checkpointing needs it
-    return peft_lm
 
 
 class SFTModule(LightningModule):
@@ -88,8 +67,8 @@ class SFTModule(LightningModule):
             This directory is the next stages' ``policy.name_or_path`` (PPO) and may be the reward model's init.
         save_adapter: with LoRA, also write the adapter alone to ``output_dir/adapter``.
         packing: pack each batch's sequences into fewer rows for the training and validation forwards (no compute on
-            padding; :mod:`lightning_rlhf.packing`). Pays when examples differ in length; the loss equals the padded
-            forward's up to rounding. The model is checked to keep packed sequences apart before its first packed
+            padding; :mod:`lightning_rlhf.models.packing`). Pays when examples differ in length; the loss equals the
+            padded forward's up to rounding. The model is checked to keep packed sequences apart before its first packed
             forward.
         lm_head_chunk_size: compute the logits of this many trained tokens at a time and recompute them in the
             backward pass, so the batch's (tokens x vocabulary) logits and their gradient are never held at once
@@ -132,23 +111,22 @@ class SFTModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.tokenizer = load_tokenizer(self.policy_config)
         self.lm: nn.Module | None = None
+        self.frozen_dtype: torch.dtype | None = None
+        """The frozen weights' dtype under ``precision: bf16-true`` (set in ``setup``): trained weights stay float32."""
         self.val_loss = MeanMetric()
         self.val_token_accuracy = MeanMetric()
 
     # ------------------------------------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        self.frozen_dtype = keep_trained_weights_float32(self.trainer)
+
     def configure_model(self) -> None:
         if self.lm is None:
-            self.lm = build_causal_lm(self.policy_config, self.lora_config, self.tokenizer)
+            model = build_model(self.policy_config, self.lora_config, self.tokenizer, "model.policy")
+            self.lm = cast_weights(model, self.frozen_dtype)
 
     def configure_optimizers(self) -> Any:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("No trainable parameters: enable LoRA (lora.enabled) or full fine-tuning.")
-        optimizer = self.optimizer_factory(trainable)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizers(self.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L, V) logits of the causal LM for right-padded ``input_ids`` (B, L) and bool ``attention_mask``."""

@@ -49,6 +49,19 @@ class ValueLossStats(NamedTuple):
     """Mean predicted value."""
 
 
+class ForwardOptions(NamedTuple):
+    """How a scoring or update forward runs (``PPOConfig.forward_options`` gives the recipe's)."""
+
+    packing: bool = False
+    """Pack the rows' real tokens into fewer rows (``ppo.packing``, :mod:`lightning_rlhf.models.packing`)."""
+    lm_head_chunk_size: int | None = None
+    """Make, use and recompute the logits this many response tokens at a time (``ppo.lm_head_chunk_size``)."""
+
+
+PADDED = ForwardOptions()
+"""The default forward: padded rows, every logit at once."""
+
+
 class RolloutSamples(NamedTuple):
     """The text side of a rollout for callbacks (sample tables, diagnostics); row ``b`` matches ``Rollout`` row b."""
 

@@ -40,7 +40,6 @@ from lightning_rlhf.cli import main as cli_main
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.module import PPOModule
 from lightning_rlhf.rewards import RewardModelScorer
-from lightning_rlhf.rollout import generate_rollout
 from lightning_rlhf.synthetic import WORLD, SyntheticTrueReward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,15 +108,8 @@ def evaluate_policy(module: PPOModule, scorer: RewardModelScorer, prompts: list[
     data = PromptDataModule(prompts=prompts, tokenizer=module.tokenizer, batch_size=len(prompts), shuffle=False)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    torch.manual_seed(seed)
-    rollout = generate_rollout(
-        module.model,
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        module.generation,
-        eos_token_id=module.tokenizer.eos_token_id,
-        pad_token_id=module.tokenizer.pad_token_id,
-    )
+    module.sampling_seed = seed
+    rollout = module.rollout(batch)
     responses = module.decode_responses(rollout)
     true_reward = SyntheticTrueReward()(batch["prompts"], responses)
     rm_score = scorer(batch["prompts"], responses)

@@ -16,20 +16,37 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_rlhf.models import (
+    LoraConfig,
+    PolicyConfig,
+    PolicyValueModel,
+    TinyModelConfig,
+    build_policy,
+    load_tokenizer,
+)
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_RUN = ("--preset", "qwen2-tiny", "--batch", "4", "--prompt-len", "4", "8", "--max-new-tokens", "4")
 
 
-def run_script_lines(script: str, *args: str) -> list[dict]:
+def run_script_stdout(script: str, *args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(BENCHMARKS / script), *args, "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.strip().splitlines()]
+    return done.stdout
+
+
+def run_script_lines(script: str, *args: str) -> list[dict]:
+    return [json.loads(line) for line in run_script_stdout(script, *args).strip().splitlines()]
 
 
 def run_script(script: str, *args: str) -> dict:
     return run_script_lines(script, *args)[-1]
+
+
+PHASES = ("generate", "old_logprobs_values_forward", "ref_forward", "score_advantages", "update")
+"""The phases of ``ppo_iteration.py`` that make up an iteration's ``total``, in order."""
 
 
 @pytest.mark.parametrize("design", ["shared", "separate"])
@@ -43,16 +60,80 @@ def test_ppo_iteration_benchmark_runs_the_preset_in_bf16_mixed(design):
     shape = out["config"]["shape"]
     assert (shape["num_kv_heads"], shape["num_heads"], shape["vocab_size"]) == (2, 4, 1000)
     assert out["config"]["precision"] == "bf16-mixed"
+    assert out["config"]["generation"]["min_new_tokens"] == 4  # every response full length (the script checks it)
     assert out["utilization"]["matmul"].endswith("bfloat16")
     assert out["generated_tokens_per_sec"]["iteration"] > 0
+    # The phases split the module's own perf/iteration_sec: each positive, together the total.
+    seconds = out["seconds_median"]
+    assert min(seconds[phase] for phase in PHASES) > 0
+    assert sum(seconds[phase] for phase in PHASES) == pytest.approx(seconds["total"], abs=1e-3)
+    assert 0 < seconds["update_forward"] < seconds["update"]
+    assert seconds["step_wall"] >= seconds["total"]
     phases = out["utilization"]["phases"]
     assert phases["update"]["gflop"] > phases["ref_forward"]["gflop"] > 0
     assert "mfu" in phases["update"]
     roles = out["param_bytes"]
     if design == "shared":  # LoRA: the reference and the critic live in the policy's storage
         assert roles["all_roles_unique"] == roles["policy"] + 4 * (shape["hidden_size"] + 1)  # + the value head
+        assert "rollout_critic_forward" not in seconds
     else:
         assert roles["all_roles_unique"] > 2.5 * roles["reference"]
+        assert roles["trainable"] > roles["critic"]  # the critic is trained in full, next to the adapter
+        # The critic_values override's time and the rest of the policy forward, inside the phases they split.
+        for phase, calls in (("rollout", "old_logprobs_values_forward"), ("update", "update_forward")):
+            parts = seconds[f"{phase}_policy_forward"], seconds[f"{phase}_critic_forward"]
+            assert min(parts) > 0
+            assert sum(parts) <= seconds[calls] + 1e-3
+
+
+TINY_LLAMA = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def shared_and_separate(lora: LoraConfig, dtype: str) -> tuple[PolicyValueModel, PolicyValueModel]:
+    """Both designs of ``ppo_iteration.py`` built from the same seed (the benchmarks are importable: conftest)."""
+    import ppo_iteration
+
+    cfg = PolicyConfig(tiny=TINY_LLAMA, dtype=dtype)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    shared = build_policy(cfg, lora, tokenizer)
+    torch.manual_seed(0)
+    return shared, ppo_iteration.build_separate(cfg, lora, tokenizer)
+
+
+@pytest.mark.parametrize("lora", [LoraConfig(r=4, alpha=8), LoraConfig(enabled=False)], ids=["lora", "full"])
+def test_ppo_iteration_separate_design_starts_from_the_shared_designs_init(lora):
+    shared, separate = shared_and_separate(lora, "bfloat16")
+    ours, theirs = dict(separate.lm.named_parameters()), dict(shared.lm.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, param in theirs.items():  # base weights and adapter: the same values, dtypes and trained flags
+        assert ours[name].dtype == param.dtype, name
+        assert ours[name].requires_grad == param.requires_grad, name
+        torch.testing.assert_close(ours[name], param, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(separate.value_head.weight, shared.value_head.weight, rtol=0, atol=0)
+    base = separate.ref_lm.get_decoder().state_dict()  # the frozen copy of the base model
+    for name, param in separate.critic.state_dict().items():
+        torch.testing.assert_close(param, base[name].float(), rtol=0, atol=0, msg=name)
+    assert all(p.requires_grad for p in separate.critic.parameters())
+    assert not any(p.requires_grad for p in separate.ref_lm.parameters())
+
+
+def test_ppo_iteration_separate_design_reads_the_values_from_its_own_critic():
+    shared, separate = shared_and_separate(LoraConfig(r=4, alpha=8), "float32")
+    input_ids = torch.randint(0, 256, (2, 6))
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    with torch.no_grad():
+        logits, values = shared(input_ids, mask, logits_slice=(2, 6))
+        # At init the critic is a copy of the base and the adapter's B is 0: every output is the shared design's.
+        separate_logits, separate_values = separate(input_ids, mask, logits_slice=(2, 6))
+        torch.testing.assert_close(separate_logits, logits)
+        torch.testing.assert_close(separate_values, values)
+        torch.testing.assert_close(separate(input_ids, mask, mode="ref"), shared(input_ids, mask, mode="ref"))
+        separate.critic.norm.weight.mul_(2.0)  # a critic of its own: the values move, the logits do not
+        moved_logits, moved_values = separate(input_ids, mask, logits_slice=(2, 6))
+    torch.testing.assert_close(moved_logits, logits)
+    assert not torch.allclose(moved_values, values)
+    assert separate.critic_seconds["rollout"] > 0  # no grad: timed as a rollout forward
 
 
 def test_generation_benchmark_runs_every_variant_to_full_length():
@@ -125,3 +206,13 @@ def test_ppo_iteration_compile_update_compiles_the_layers_for_the_update_only():
     assert out["config"]["compiled_layers"] == 2  # the tiny Qwen2's two decoder layers
     assert out["seconds_median"]["update"] > 0
     assert out["utilization"]["phases"]["update"]["gflop"] > 0
+
+
+def test_profile_phases_profiles_the_update_of_the_second_iteration():
+    args = ("--preset", "qwen2-tiny", "--batch", "4", "--prompt-len", "4", "8", "--max-new-tokens", "4")
+    text = run_script_stdout("profile_phases.py", *args, "--design", "separate", "--ppo-epochs", "2")
+    rollout, update = text.index("##### rollout: wall"), text.index("##### update: wall")
+    assert text[rollout:update].strip().endswith("(not profiled)")  # without --profile-rollout
+    update = text[update:]
+    assert "aten::mm" in update  # the update's matmuls were recorded
+    assert "Optimizer.step#AdamW.step" in update

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY_POLICY as TINY
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger
 
@@ -25,7 +26,7 @@ from lightning_rlhf.callbacks import (
     distinct_n,
 )
 from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
+from lightning_rlhf.models import LoraConfig
 from lightning_rlhf.module import PPOConfig, PPOModule
 from lightning_rlhf.rewards import CharFractionReward
 from lightning_rlhf.rollout import GenerationConfig
@@ -292,9 +293,6 @@ def test_sample_table_goes_to_every_logger_and_the_console(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------- inside real fits
-TINY = PolicyConfig(
-    tiny=TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-)
 PROMPTS = ["Say: ", "Hello there. ", "abc", "Write something nice: ", "Tell me ", "Once upon a time", "Yes", "No way "]
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments
+from lightning_rlhf.functional import moment_sums
 
 
 # ============================================================================================================ fixed KL
@@ -134,7 +135,7 @@ def test_running_moments_state_dict_round_trips():
 # ================================================================================================= running moments
 def test_sums_hand_worked():
     # count 3, sum 1 + 2 + 3 = 6, sum of squares 1 + 4 + 9 = 14; any shape is flattened
-    sums = RunningMoments.sums(torch.tensor([[1.0, 2.0, 3.0]]))
+    sums = moment_sums(torch.tensor([[1.0, 2.0, 3.0]]))
     assert_close(sums, torch.tensor([3.0, 6.0, 14.0], dtype=torch.float64))
 
 
@@ -177,7 +178,7 @@ def test_merging_summed_sums_of_ranks_equals_updating_with_the_concatenation(his
         merged.update(earlier)
         concatenated.update(earlier)
     # what an all-reduce (sum) of each rank's sums() hands every rank
-    merged_batch = merged.update_from_sums(RunningMoments.sums(rank0) + RunningMoments.sums(rank1))
+    merged_batch = merged.update_from_sums(moment_sums(rank0) + moment_sums(rank1))
     concatenated_batch = concatenated.update(torch.cat([rank0, rank1]))
     assert_close(merged_batch, concatenated_batch)
     assert merged.count == concatenated.count == 11 + (10 if history else 0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning import LightningModule, Trainer
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from lightning_rlhf.data import LeftPadCollator, PromptDataModule
 from lightning_rlhf.tasks import get_task
@@ -22,11 +22,6 @@ CHAT_TEMPLATE = (
 def b(text):
     """ByT5 ids: byte value + 3 (pad 0, eos 1, unk 2)."""
     return [c + 3 for c in text.encode()]
-
-
-@pytest.fixture(scope="module")
-def byt5():
-    return ByT5Tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,21 @@ import pytest
 import torch
 import transformers
 from dist_helpers import run_cli_fit
+from helpers import TINY_POLICY as TINY
 from lightning.pytorch import Trainer, seed_everything
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lightning_rlhf.callbacks import ExportCallback
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.export import export_from_checkpoint, export_policy, load_value_head, main
-from lightning_rlhf.export_callback import ExportCallback
-from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
+from lightning_rlhf.models import LoraConfig, PolicyConfig, build_policy, load_tokenizer
 from lightning_rlhf.module import PPOConfig, PPOModule
 from lightning_rlhf.rewards import CharFractionReward
 from lightning_rlhf.rollout import GenerationConfig
 
 TESTS = Path(__file__).resolve().parent
-TINY = PolicyConfig(
-    tiny=TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-)
 PROMPTS = ["Say: ", "Hello there. ", "abc", "Write something nice: ", "Tell me ", "Once upon a time", "Yes", "No way "]
 EVAL_PROMPTS = ["Hello there. ", "abc", "Once upon a time"]
 NEW_TOKENS = 8
@@ -292,7 +290,7 @@ def test_fsdp2_export_gathers_the_full_weights(tmp_path):
             "callbacks": [
                 {"class_path": "dist_helpers.DumpRankState", "init_args": {"out_dir": str(tmp_path / "dump")}},
                 {
-                    "class_path": "lightning_rlhf.export_callback.ExportCallback",
+                    "class_path": "lightning_rlhf.callbacks.ExportCallback",
                     "init_args": {"dirpath": str(tmp_path / "export"), "merge": True},
                 },
             ],

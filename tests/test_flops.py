@@ -1,4 +1,4 @@
-"""Tests of lightning_rlhf.flops: hand-worked counts, and exact agreement with torch's FlopCounterMode.
+"""Tests of benchmarks/flops.py: hand-worked counts, and exact agreement with torch's FlopCounterMode.
 
 FlopCounterMode has no formula for the CPU SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``), so the
 model-level comparisons switch the tiny models to eager attention, whose score and weighted-sum matmuls it counts as
@@ -13,9 +13,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-from lightning_rlhf.flops import (
+from flops import (
     PROJECTIONS,
     DecoderShape,
     FlopCount,
@@ -28,13 +26,14 @@ from lightning_rlhf.flops import (
     matmul_flops_per_sec,
     train_flops,
 )
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
 from lightning_rlhf.models import (
     LoraConfig,
     PolicyConfig,
     PolicyValueModel,
     TinyModelConfig,
     build_policy,
-    load_tokenizer,
 )
 
 HAND = DecoderShape(
@@ -64,11 +63,6 @@ def lora_of(config: LoraConfig) -> Lora | None:
         return None
     targets = PROJECTIONS if config.target_modules == "all-linear" else tuple(config.target_modules)
     return Lora(config.r, targets)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(PolicyConfig())
 
 
 @pytest.fixture(scope="module")

@@ -184,8 +184,8 @@ TINY_CHUNK = 15
 @pytest.fixture(params=["default-chunk", "tiny-chunk"])
 def chunking(request, monkeypatch):
     if request.param == "tiny-chunk":
-        monkeypatch.setattr(fn, "LOGSOFTMAX_CHUNK_ELEMENTS", TINY_CHUNK)
-        assert fn._row_chunks(8, 5) == [(0, 3), (3, 6), (6, 8)]
+        monkeypatch.setattr(fn.logprobs, "LOGSOFTMAX_CHUNK_ELEMENTS", TINY_CHUNK)
+        assert fn.row_chunks(8, 5) == [(0, 3), (3, 6), (6, 8)]
     return request.param
 
 

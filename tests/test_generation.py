@@ -1,4 +1,4 @@
-"""Tests of lightning_rlhf.generation: the cached engine against transformers' generate, finished rows leaving the
+"""Tests of lightning_rlhf.models.engines: the cached engine against transformers' generate, finished rows leaving the
 batch, min_new_tokens, generation chunks, and the exact LoRA merge."""
 
 from __future__ import annotations
@@ -9,23 +9,17 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from helpers import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_rlhf.generation import cached_decode, hf_generate, lora_merge_blocker, merged_lora
-from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, TinyModelConfig, build_policy
-from lightning_rlhf.models import load_tokenizer as _load_tokenizer
-from lightning_rlhf.random_streams import response_keys
+from lightning_rlhf.functional.random_streams import response_keys
+from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy
+from lightning_rlhf.models.engines import cached_decode, hf_generate, lora_merge_blocker, merged_lora
 from lightning_rlhf.rollout import GenerationConfig, generate_rollout, sample_responses, truncate_at_stop
 
-TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 PAD, EOS = 0, 1  # ByT5
 NEVER = 384  # a token id past the vocabulary: a stop token that is never sampled, so every row runs to the end
 ENGINES = {"cached": cached_decode, "hf": hf_generate}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return _load_tokenizer(PolicyConfig())
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +232,7 @@ def test_cached_engine_refuses_a_sharded_model(tokenizer, prompts):
 
 
 def test_llama_layers_get_the_preallocated_cache(tokenizer):
-    from lightning_rlhf.generation import _kv_cache, _PreallocatedLayer
+    from lightning_rlhf.models.engines import _kv_cache, _PreallocatedLayer
 
     cache = _kv_cache(build(tokenizer).lm.config, max_len=40)
     assert [type(layer) for layer in cache.layers] == [_PreallocatedLayer] * TINY.num_hidden_layers

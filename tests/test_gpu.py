@@ -8,10 +8,10 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.generation import cached_decode, hf_generate, merged_lora
+from lightning_rlhf.functional.random_streams import response_keys
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
+from lightning_rlhf.models.engines import cached_decode, hf_generate, merged_lora
 from lightning_rlhf.module import PPOConfig, PPOModule
-from lightning_rlhf.random_streams import response_keys
 from lightning_rlhf.rewards import CharFractionReward
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
 

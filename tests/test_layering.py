@@ -1,54 +1,102 @@
-"""Only the Lightning-facing modules import lightning (STYLE.md): the math, models, rollout and rewards stay pure."""
+"""The package's layering (STYLE.md), checked over every file of the tree: only the Lightning-facing modules import
+lightning, the pure math imports only torch and itself, and no private name crosses a module boundary (in the package,
+the benchmarks or the scripts)."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lightning_rlhf"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "lightning_rlhf"
 LIGHTNING_FACING = {
     "module.py",
-    "data.py",
     "cli.py",
-    "callbacks.py",
     "strategies.py",
     "precision.py",
     "sft.py",
     "reward_model.py",
-    "pipeline_data.py",
-    "export_callback.py",
     "checkpointing.py",
+    "data/prompts.py",
+    "data/examples.py",
+    "data/preferences.py",
+    "callbacks/hooks.py",
+    "callbacks/alarms.py",
+    "callbacks/samples.py",
+    "callbacks/artifacts.py",
 }
+"""LightningModules, DataModules, callbacks, strategies and the CLI: the only files that may import lightning."""
 LIGHTNING_NAMES = {"lightning", "pytorch_lightning", "lightning_fabric"}
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+BENCHMARK_SOURCES = sorted((REPO / "benchmarks").glob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+
+
+def relative(path: Path) -> str:
+    return path.relative_to(PACKAGE).as_posix()
+
+
+def imports(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)]
 
 
 def imported_roots(path: Path) -> set[str]:
     roots = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in imports(path):
         if isinstance(node, ast.Import):
             roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif node.module and node.level == 0:
             roots.add(node.module.split(".")[0])
     return roots
 
 
-PURE_MODULES = sorted(p for p in PACKAGE.glob("*.py") if p.name not in LIGHTNING_FACING)
+PURE = [p for p in SOURCES if relative(p) not in LIGHTNING_FACING]
 
 
-def test_pure_modules_exist():
-    names = {p.name for p in PURE_MODULES}
-    assert {"functional.py", "types.py", "control.py"} <= names
+def test_the_tree_is_globbed():
+    names = {relative(p) for p in SOURCES}
+    assert {"functional/ppo.py", "models/policy.py", "types.py", "control.py"} <= names
+    assert names >= LIGHTNING_FACING, sorted(LIGHTNING_FACING - names)
 
 
-@pytest.mark.parametrize("path", PURE_MODULES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PURE, ids=relative)
 def test_pure_module_does_not_import_lightning(path):
-    assert not imported_roots(path) & LIGHTNING_NAMES, f"{path.name} imports lightning; move that code to module.py"
+    assert not imported_roots(path) & LIGHTNING_NAMES, f"{relative(path)} imports lightning; move that code out"
 
 
 def test_checker_sees_lightning_imports():
     assert "lightning" in imported_roots(PACKAGE / "module.py")
 
 
-def test_functional_imports_only_torch_and_types():
+@pytest.mark.parametrize("path", sorted((PACKAGE / "functional").glob("*.py")), ids=relative)
+def test_functional_imports_only_torch_and_types(path):
     allowed = {"__future__", "math", "typing", "torch", "lightning_rlhf"}
-    assert imported_roots(PACKAGE / "functional.py") <= allowed
+    assert imported_roots(path) <= allowed
+    internal = {
+        n.module
+        for n in imports(path)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("lightning_rlhf.")
+    }
+    assert all(m.startswith(("lightning_rlhf.functional", "lightning_rlhf.types")) for m in internal), internal
+
+
+def private_imports(path: Path) -> list[str]:
+    """``module.name`` for every private name ``path`` imports from a lightning_rlhf module."""
+    found = []
+    for node in imports(path):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_rlhf"):
+            found += [
+                f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"
+            ]
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES + BENCHMARK_SOURCES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_no_private_name_is_imported_from_another_module(path):
+    assert not private_imports(path), f"make these public where they live, or move them: {private_imports(path)}"
+
+
+def test_the_private_name_check_sees_one(tmp_path):
+    source = tmp_path / "example.py"
+    source.write_text("from lightning_rlhf.models.loading import _pretrained\n")
+    assert private_imports(source) == ["lightning_rlhf.models.loading._pretrained"]

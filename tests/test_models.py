@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 import transformers
+from helpers import TINY
 
 from lightning_rlhf.models import (
     LoraConfig,
@@ -20,12 +21,6 @@ from lightning_rlhf.models import (
 )
 
 VALUE_HEAD = {"value_head.weight", "value_head.bias"}
-TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(PolicyConfig())
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,20 @@
-"""Tests of lightning_rlhf.packing: the packing plan, packed forwards equal padded ones, the boundary check."""
+"""Tests of lightning_rlhf.models.packing: the packing plan, packed forwards equal padded ones, the boundary check."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from helpers import TINY
 
-from lightning_rlhf import packing
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.loss import ppo_objective
-from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, build_policy, load_tokenizer
-from lightning_rlhf.packing import first_fit_decreasing, pack_rows, unpack, verify_packing
+from lightning_rlhf.models import LoraConfig, PolicyConfig, build_policy, packing
+from lightning_rlhf.models.packing import first_fit_decreasing, pack_rows, unpack, verify_packing
 from lightning_rlhf.rollout import forward_response
-from lightning_rlhf.types import Rollout
+from lightning_rlhf.types import ForwardOptions, Rollout
 
-TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 PAD = 0
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(PolicyConfig())
 
 
 def build(tokenizer, lora: LoraConfig | None = None, **policy_fields):
@@ -97,8 +91,10 @@ def test_packed_forward_matches_the_padded_forward_and_its_gradient(tokenizer, l
     results = {}
     for packed in (False, True):
         model.zero_grad()
-        policy = forward_response(model, *inputs, temperature=0.7, mode="policy", packing=packed)
-        ref = forward_response(model, *inputs, temperature=0.7, mode="ref", packing=packed)
+        policy = forward_response(
+            model, *inputs, temperature=0.7, mode="policy", options=ForwardOptions(packing=packed)
+        )
+        ref = forward_response(model, *inputs, temperature=0.7, mode="ref", options=ForwardOptions(packing=packed))
         (policy.logprobs.sum() + policy.values.pow(2).sum()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[packed] = (policy.logprobs, policy.values, ref.logprobs, grads)
@@ -117,7 +113,7 @@ def test_packed_forward_runs_fewer_positions(tokenizer):
     shapes = []
     decoder = model.lm.get_base_model().get_decoder()
     decoder.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
-    forward_response(model, *responses_of_different_lengths(), temperature=1.0, packing=True)
+    forward_response(model, *responses_of_different_lengths(), temperature=1.0, options=ForwardOptions(packing=True))
     # Runs of 12, 3, 7, 7 tokens in rows of 12: [12], [7, 3], [7]; padded it would be 4 rows of 12.
     assert shapes[-1] == (3, 12)
 
@@ -192,6 +188,8 @@ def test_verify_packing_refuses_a_model_whose_attention_crosses_sequences(tokeni
     # the first. The check must name the field and the fix before any packed forward runs.
     model = build(tokenizer)
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
-    with pytest.raises(ValueError, match=r"ppo\.packing: .*LlamaModel.*Set ppo\.packing: false"):
-        forward_response(model, *responses_of_different_lengths(), temperature=1.0, packing=True)
+    with pytest.raises(ValueError, match=r"ppo\.packing: .*LlamaModel.*Set model\.ppo\.packing: false"):
+        forward_response(
+            model, *responses_of_different_lengths(), temperature=1.0, options=ForwardOptions(packing=True)
+        )
     assert model.lm.get_base_model().get_decoder() not in packing._verified

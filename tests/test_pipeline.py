@@ -12,12 +12,11 @@ import yaml
 from lightning import Trainer
 
 from lightning_rlhf.cli import main
-from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.data import PreferenceDataModule, PromptDataModule
 from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
 from lightning_rlhf.module import PPOModule
-from lightning_rlhf.pipeline_data import PreferenceDataModule, encode_scored_text
 from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule
-from lightning_rlhf.rewards import Reward, RewardModelScorer
+from lightning_rlhf.rewards import Reward, RewardModelScorer, encode_scored_texts
 from lightning_rlhf.rollout import GenerationConfig
 from lightning_rlhf.synthetic import WORLD
 
@@ -100,7 +99,7 @@ def test_reward_model_output_loads_in_the_ppo_scorer_with_the_trained_scores(tmp
         trained = torch.cat(
             [
                 module(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
-                for ids in (encode_scored_text(p, r, module.tokenizer) for p, r in zip(prompts, responses, strict=True))
+                for ids in encode_scored_texts(prompts, responses, module.tokenizer)
             ]
         )
     torch.testing.assert_close(scorer(prompts, responses), trained)

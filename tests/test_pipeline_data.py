@@ -7,18 +7,17 @@ import pickle
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.pipeline_data import (
+from lightning_rlhf.data import (
     PreferenceCollator,
     PreferenceDataModule,
+    PromptDataModule,
     SFTCollator,
     SFTDataModule,
-    encode_scored_text,
     encode_sft_example,
 )
-from lightning_rlhf.rewards import RewardModelScorer
+from lightning_rlhf.rewards import RewardModelScorer, encode_scored_texts
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
@@ -30,11 +29,6 @@ EOS = 1  # ByT5: pad 0, eos 1, unk 2, byte c -> c + 3
 def b(text):
     """ByT5 ids of ``text``: byte value + 3."""
     return [c + 3 for c in text.encode()]
-
-
-@pytest.fixture(scope="module")
-def byt5():
-    return ByT5Tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +132,16 @@ def scorer_with(tokenizer, use_chat_template=False):
 @pytest.mark.parametrize("tokenizer_name", ["byt5", "word_tok"])
 def test_preference_text_encoding_is_the_reward_scorers(tokenizer_name, request):
     tok = request.getfixturevalue(tokenizer_name)
-    ids = encode_scored_text("hello ", "world nice", tok)
+    (ids,) = encode_scored_texts(["hello "], ["world nice"], tok)
     assert [ids] == scorer_with(tok)._encode(["hello "], ["world nice"])
 
 
 def test_preference_text_encoding_by_hand(byt5):
-    assert encode_scored_text("hi ", "yo", byt5) == [*b("hi yo"), EOS]  # scored text ends with the EOS ByT5 adds
+    assert encode_scored_texts(["hi "], ["yo"], byt5) == [[*b("hi yo"), EOS]]  # scored text ends with the EOS ByT5 adds
 
 
 def test_preference_chat_encoding_is_the_reward_scorers_with_chat_template(word_tok):
-    ids = encode_scored_text([{"role": "user", "content": "hello"}], "world", word_tok)
+    (ids,) = encode_scored_texts([[{"role": "user", "content": "hello"}]], ["world"], word_tok)
     assert ids == [7, 4, 8, 5]  # "<|user|> hello <|assistant|> world "
     assert [ids] == scorer_with(word_tok, use_chat_template=True)._encode(["hello"], ["world"])
 

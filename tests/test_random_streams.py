@@ -1,11 +1,11 @@
-"""Tests of lightning_rlhf.random_streams: the hash against a plain-integer reference, keys, uniforms, the draw."""
+"""Tests of lightning_rlhf.functional.random_streams: the hash against a plain-integer reference, keys, the draw."""
 
 import math
 
 import pytest
 import torch
 
-from lightning_rlhf.random_streams import KEY_BITS, draw_tokens, lowbias32, response_keys, response_uniforms
+from lightning_rlhf.functional.random_streams import KEY_BITS, draw_tokens, lowbias32, response_keys, response_uniforms
 
 
 def lowbias32_reference(x: int) -> int:

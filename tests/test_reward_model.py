@@ -7,10 +7,9 @@ import torch
 import transformers
 from lightning import Trainer
 
-from lightning_rlhf import packing
+from lightning_rlhf.data import PreferenceDataModule
 from lightning_rlhf.functional import bradley_terry_loss
-from lightning_rlhf.models import LoraConfig, TinyModelConfig, packed_classifier_scores
-from lightning_rlhf.pipeline_data import PreferenceDataModule
+from lightning_rlhf.models import LoraConfig, TinyModelConfig, packed_classifier_scores, packing
 from lightning_rlhf.reward_model import RewardModelConfig, RewardModelModule
 from lightning_rlhf.rewards import RewardModelScorer
 

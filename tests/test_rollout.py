@@ -11,17 +11,11 @@ from lightning_rlhf.models import (
     PolicyValueModel,
     TinyModelConfig,
     build_policy,
-    load_tokenizer,
 )
 from lightning_rlhf.rollout import GenerationConfig, forward_response, generate_rollout, truncate_at_stop
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 EOS, PAD = 1, 0  # ByT5
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(PolicyConfig())
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import torch
 import transformers
 from lightning import Trainer
 
-from lightning_rlhf import packing
+from lightning_rlhf.data import SFTDataModule
 from lightning_rlhf.functional import sft_loss, sft_token_loss
-from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig
-from lightning_rlhf.pipeline_data import SFTDataModule
+from lightning_rlhf.models import LoraConfig, PolicyConfig, TinyModelConfig, packing
 from lightning_rlhf.sft import SFTModule
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

@@ -6,8 +6,7 @@ prompt per line, kept verbatim, trailing spaces included), an inline Python list
 
 Tokenization, chosen so the policy continues the prompt rather than a finished sequence:
 
-- **Text** is encoded with the tokenizer's special tokens (a BOS stays) minus a trailing EOS the tokenizer appends
-  (ByT5 and T5 do): an EOS at the end of a prompt would tell the policy the text is over.
+- **Text** is encoded with the tokenizer's special tokens minus a trailing EOS (:mod:`lightning_rlhf.data.common`).
 - **Chat messages** go through ``apply_chat_template(..., add_generation_prompt=True)`` and are encoded without adding
   special tokens (the template writes its own). Rewards receive the content of the last user message as the prompt
   text, so a chat-formatted reward model can apply its own template.
@@ -17,7 +16,6 @@ Tokenization, chosen so the policy continues the prompt rather than a finished s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -28,16 +26,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rlhf.data.common import (
+    Prompt,
+    check_counts,
+    encode_text_prompts,
+    is_chat,
+    need_chat_template,
+    pad_token_id,
+    parse_jsonl,
+    read_lines,
+    resolve_tokenizer,
+)
+from lightning_rlhf.errors import list_rows
 from lightning_rlhf.tasks import get_task
-
-Prompt = str | list[dict[str, str]]
-"""One prompt: text, or a list of chat messages ``{"role": ..., "content": ...}``."""
-
-_MAX_ROWS_IN_MESSAGE = 5
-"""Errors list at most this many offending rows."""
-
-_EOS_PROBE = "a"
-"""Text encoded once to find out whether the tokenizer appends an EOS."""
 
 
 class LeftPadCollator:
@@ -56,7 +57,7 @@ class LeftPadCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor | list[str]]:
         """Returns ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool, "prompts": list[str],
         "prompt_index": (B,) long}``: each row's index in the dataset names its responses' random streams
-        (:func:`lightning_rlhf.random_streams.response_keys`)."""
+        (:func:`lightning_rlhf.functional.random_streams.response_keys`)."""
         width = max(len(r["input_ids"]) for r in rows)
         prompt_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, P)
         prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, P), True = real token
@@ -122,35 +123,16 @@ class _PromptDataset(Dataset):
         return {"input_ids": self.input_ids[index], "prompt": self.texts[index], "index": index}
 
 
-def _list_rows(rows: list[str]) -> str:
-    more = f" and {len(rows) - _MAX_ROWS_IN_MESSAGE} more" if len(rows) > _MAX_ROWS_IN_MESSAGE else ""
-    return ", ".join(rows[:_MAX_ROWS_IN_MESSAGE]) + more
-
-
-def _read_file(path: Path) -> tuple[list[Any], list[str]]:
+def _read_prompt_file(path: Path) -> tuple[list[Any], list[str]]:
     """Raw prompts of a .jsonl or .txt file and a label per prompt (``"file:line"``) for error messages."""
-    if not path.is_file():
-        raise ValueError(f"data.prompts: file {str(path)!r} does not exist.")
-    if path.suffix not in (".jsonl", ".txt"):
-        raise ValueError(f"data.prompts: {str(path)!r} must end in .jsonl or .txt (one prompt per line).")
-    text = path.read_text(encoding="utf-8-sig")
-    # Split on newlines only (str.splitlines also splits on form feeds and Unicode separators inside a prompt).
-    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
-    if path.suffix == ".txt":
+    lines = read_lines(path, "prompts", (".jsonl", ".txt"))
+    if path.suffix == ".txt":  # one prompt per line, verbatim (trailing spaces included)
         return lines, [f"{path.name}:{i}" for i in range(1, len(lines) + 1)]
-    prompts, labels = [], []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"data.prompts: {path.name}:{i} is not valid JSON ({err}).") from err
+    records, labels = parse_jsonl(lines, path.name, "prompts")
+    for record, label in zip(records, labels, strict=True):
         if not isinstance(record, dict) or "prompt" not in record:
-            raise ValueError(f'data.prompts: {path.name}:{i} has no "prompt" field; each line needs {{"prompt": ...}}.')
-        prompts.append(record["prompt"])
-        labels.append(f"{path.name}:{i}")
-    return prompts, labels
+            raise ValueError(f'data.prompts: {label} has no "prompt" field; each line needs {{"prompt": ...}}.')
+    return [record["prompt"] for record in records], labels
 
 
 def _check_prompt(prompt: Any, label: str) -> None:
@@ -158,14 +140,7 @@ def _check_prompt(prompt: Any, label: str) -> None:
         if not prompt.strip():
             raise ValueError(f"data.prompts: prompt {label} is empty; remove it or give it text.")
         return
-    is_chat = (
-        isinstance(prompt, list)
-        and prompt
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-        )
-    )
-    if not is_chat:
+    if not is_chat(prompt):
         raise ValueError(
             f"data.prompts: prompt {label} is a {type(prompt).__name__}; a prompt is text or a non-empty list of "
             f'chat messages {{"role": str, "content": str}}.'
@@ -181,38 +156,19 @@ def _reward_text(prompt: Prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-def _appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    eos = tokenizer.eos_token_id
-    with_special = tokenizer(_EOS_PROBE, add_special_tokens=True)["input_ids"]
-    without = tokenizer(_EOS_PROBE, add_special_tokens=False)["input_ids"]
-    return eos is not None and with_special[-1:] == [eos] and without[-1:] != [eos]
-
-
 def _tokenize(prompts: list[Prompt], labels: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Token ids of each prompt (not truncated), see the module docstring for the rules.
 
     Raises:
         ValueError: if a chat prompt is given and the tokenizer has no chat template.
     """
-    texts = [p for p in prompts if isinstance(p, str)]
     chats = [(p, label) for p, label in zip(prompts, labels, strict=True) if not isinstance(p, str)]
-    if chats and not tokenizer.chat_template:
-        raise ValueError(
-            f"data.prompts: prompt {chats[0][1]} is a list of chat messages but the tokenizer has no chat template; "
-            f"set tokenizer.chat_template or give the prompts as text."
-        )
-    text_ids = iter(tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])
+    if chats:
+        need_chat_template(tokenizer, chats[0][1], "prompts")
+    text_ids = iter(encode_text_prompts([p for p in prompts if isinstance(p, str)], tokenizer))
     rendered = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c, _ in chats]
     chat_ids = iter(tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else [])
-    drop_eos = _appends_eos(tokenizer) if texts else False
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            ids = list(next(text_ids))
-            out.append(ids[:-1] if drop_eos else ids)
-        else:
-            out.append(list(next(chat_ids)))
-    return out
+    return [next(text_ids) if isinstance(p, str) else list(next(chat_ids)) for p in prompts]
 
 
 class PromptDataModule(LightningDataModule):
@@ -259,13 +215,9 @@ class PromptDataModule(LightningDataModule):
             get_task(task)
         if truncation not in ("error", "left"):
             raise ValueError(f"data.truncation must be 'error' or 'left', got {truncation!r}.")
-        for field, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"data.{field} must be >= 1, got {value}.")
-        if max_prompt_length < 1:
-            raise ValueError(f"data.max_prompt_length must be >= 1, got {max_prompt_length}.")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
+        check_counts(
+            num_prompts=num_prompts, batch_size=batch_size, max_prompt_length=max_prompt_length, num_workers=num_workers
+        )
         self.prompts = prompts
         self.task = task
         self.num_prompts = num_prompts
@@ -294,24 +246,12 @@ class PromptDataModule(LightningDataModule):
             raise RuntimeError("PromptDataModule.setup() has not run yet; prompts load there.")
         return self._dataset
 
-    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is not None:
-            return self.tokenizer
-        module = getattr(self.trainer, "lightning_module", None)
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(
-                "PromptDataModule has no tokenizer: pass tokenizer=... or train a LightningModule that has a "
-                "`tokenizer` attribute after __init__."
-            )
-        return tokenizer
-
     def _raw_prompts(self) -> tuple[list[Any], list[str]]:
         if self.task is not None:
             prompts = get_task(self.task).prompts(self.num_prompts, self.seed)
             return prompts, [f"{self.task}[{i}]" for i in range(len(prompts))]
         if isinstance(self.prompts, str | Path):
-            return _read_file(Path(self.prompts))
+            return _read_prompt_file(Path(self.prompts))
         if not isinstance(self.prompts, list | tuple):
             raise ValueError(f"data.prompts must be a path or a list, got {type(self.prompts).__name__}.")
         return list(self.prompts), [f"prompts[{i}]" for i in range(len(self.prompts))]
@@ -322,7 +262,7 @@ class PromptDataModule(LightningDataModule):
         if too_long and self.truncation == "error":
             raise ValueError(
                 f"{len(too_long)} prompts are longer than data.max_prompt_length={limit} tokens: "
-                f"{_list_rows(too_long)}; raise data.max_prompt_length, shorten them, or set data.truncation=left to "
+                f"{list_rows(too_long)}; raise data.max_prompt_length, shorten them, or set data.truncation=left to "
                 f"keep their last {limit} tokens."
             )
         return [x[-limit:] for x in ids]
@@ -337,7 +277,7 @@ class PromptDataModule(LightningDataModule):
         """
         if self._dataset is not None:
             return
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = resolve_tokenizer(self)
         prompts, labels = self._raw_prompts()
         if not prompts:
             raise ValueError(f"data.prompts: no prompts found in {self.prompts!r}.")
@@ -345,11 +285,10 @@ class PromptDataModule(LightningDataModule):
             _check_prompt(prompt, label)
         ids = _tokenize(prompts, labels, tokenizer)
         if no_tokens := [label for x, label in zip(ids, labels, strict=True) if not x]:
-            raise ValueError(f"data.prompts: prompt {_list_rows(no_tokens)} encodes to no tokens.")
+            raise ValueError(f"data.prompts: prompt {list_rows(no_tokens)} encodes to no tokens.")
         ids = self._fit_length(ids, labels)
         self._check_batch_size(len(ids))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._pad_token_id = 0 if pad is None else pad
+        self._pad_token_id = pad_token_id(tokenizer)
         self._dataset = _PromptDataset(ids, [_reward_text(p) for p in prompts])
 
     def _check_batch_size(self, num_prompts: int) -> None:

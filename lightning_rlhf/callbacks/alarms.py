@@ -1,93 +1,40 @@
-"""Callbacks for the RL phase: the ``RLCallback`` hooks, diagnostics alarms, sample tables and plots.
-
-``PPOModule`` calls three RL-phase hooks, besides Lightning's own, on every callback that defines them;
-:class:`RLCallback` documents them with no-op defaults. Everything here is opt-in, from Python or YAML::
-
-    trainer:
-      callbacks:
-        - class_path: lightning_rlhf.callbacks.EntropyCollapseAlarm
-          init_args: {min_fraction: 0.25, stop: true}
+"""Diagnostics alarms: each watches one symptom of a PPO run going wrong and warns once (optionally stops).
 
 Diagnostics follow TRL's PPO debugging advice: each alarm warns once per run (a :class:`DiagnosticWarning` that names
 the metric, its value and what to change) and can stop training (``stop: true``, after the current iteration).
 Stopping a PPO iteration between minibatches when the policy moves too far is not a callback: it is
 ``ppo.early_stop_kl`` in the core, because it must act before the next optimizer step.
 
-Under DDP every stop decision is made from values identical on every process: the module's global minibatch
-statistics, or sums reduced with ``trainer.strategy.reduce`` (which every process calls in the same hook).
+Under DDP every stop decision is made from values identical on every process: the module's global (logged or
+minibatch) statistics, or sums over all processes (:func:`~lightning_rlhf.distributed.global_sums`, which every
+process calls in the same hook).
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_rlhf import plots
-from lightning_rlhf.types import Rollout, RolloutSamples
-
-SAMPLE_COLUMNS = ("step", "prompt", "response", "score", "kl", "length")
-"""Columns of the sample table (``samples.csv``, TensorBoard text, W&B table)."""
-SAMPLES_FILENAME = "samples.csv"
-
-
-class RLCallback(Callback):
-    """A Lightning ``Callback`` with the RL-phase hooks that ``PPOModule`` calls (all no-ops here).
-
-    Order within one PPO iteration (one ``training_step``): ``on_train_batch_start``, ``on_rollout_end``, then for
-    each PPO epoch ``on_ppo_minibatch_end`` per minibatch and ``on_ppo_epoch_end``, then ``on_train_batch_end``.
-    Every process calls every hook, so a hook may run a collective (``trainer.strategy.reduce``) if it does so
-    unconditionally. The module passes the arguments after ``pl_module`` by keyword: keep their names.
-    """
-
-    def on_rollout_end(
-        self, trainer: Trainer, pl_module: LightningModule, rollout: Rollout, samples: RolloutSamples
-    ) -> None:
-        """After scoring, KL shaping and advantages, before the first PPO update.
-
-        Args:
-            rollout: this process's rollout with every field filled (``scores``, ``kl``, ``advantages``, ...).
-            samples: its prompts, decoded responses and raw scores, row for row.
-        """
-
-    def on_ppo_minibatch_end(
-        self, trainer: Trainer, pl_module: LightningModule, epoch: int, index: int, stats: dict[str, float]
-    ) -> None:
-        """After each minibatch's update (also when the update was skipped).
-
-        Args:
-            epoch: the PPO epoch, from 0.
-            index: the minibatch within the epoch, from 0.
-            stats: global (all-process) means over the minibatch: ``loss/*``, ``policy/approx_kl``,
-                ``policy/clipfrac``, ``policy/ratio_mean``, ``policy/entropy``, ``value/clipfrac``,
-                ``policy/grad_norm``.
-        """
-
-    def on_ppo_epoch_end(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
-        """After each pass over the rollout (also the pass that ``ppo.early_stop_kl`` cut short).
-
-        Args:
-            epoch: the PPO epoch that ended, from 0.
-        """
+from lightning_rlhf.callbacks.hooks import RLCallback
+from lightning_rlhf.distributed import ReduceSum, explained_variance, global_sums
 
 
 class DiagnosticWarning(UserWarning):
     """Category of the alarms' warnings; ``warnings.simplefilter("error", DiagnosticWarning)`` makes them errors."""
 
 
+def _reduce_sum(trainer: Trainer) -> ReduceSum:
+    return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
 def _global_sums(trainer: Trainer, *values: Tensor | float) -> list[float]:
-    """Sums of scalars over all processes, in one collective that every process must reach."""
-    device = next((v.device for v in values if isinstance(v, Tensor)), torch.device("cpu"))
-    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
-    return trainer.strategy.reduce(packed, reduce_op="sum").tolist()
+    """:func:`~lightning_rlhf.distributed.global_sums` with the trainer's all-reduce."""
+    return global_sums(_reduce_sum(trainer), *values)
 
 
 def _log(pl_module: LightningModule, name: str, value: float, batch_size: int) -> None:
@@ -98,7 +45,7 @@ def _log(pl_module: LightningModule, name: str, value: float, batch_size: int) -
 _PLAIN = (bool, int, float, str, type(None))
 
 
-class _Alarm(RLCallback):
+class Alarm(RLCallback):
     """Warns once when its condition has held for ``patience`` consecutive checks; with ``stop`` also stops training.
 
     Keeps ``_reference`` (the first iteration's value, for relative thresholds) across a checkpoint resume.
@@ -150,7 +97,7 @@ class _Alarm(RLCallback):
             trainer.should_stop = True
 
 
-class EntropyCollapseAlarm(_Alarm):
+class EntropyCollapseAlarm(Alarm):
     """Warns when the policy's token entropy collapses: the policy is turning deterministic.
 
     Reads ``policy/entropy`` from the minibatch statistics and checks the iteration's mean at ``on_train_batch_end``.
@@ -196,14 +143,14 @@ class EntropyCollapseAlarm(_Alarm):
             bad,
             lambda: (
                 f"policy/entropy fell to {entropy:.3g} nats per token (first iteration: {reference:.3g}): the policy "
-                "is collapsing onto a few tokens. Raise ppo.kl_coef (or set ppo.target_kl), lower the learning rate, "
-                "or add an entropy bonus (ppo.ent_coef, e.g. 0.01); look for one response the reward overpays "
-                "(SampleTableCallback)."
+                "is collapsing onto a few tokens. Raise model.ppo.kl_coef (or set model.ppo.target_kl), lower the "
+                "learning rate, or add an entropy bonus (model.ppo.ent_coef, e.g. 0.01); look for one response the "
+                "reward overpays (SampleTableCallback)."
             ),
         )
 
 
-class ResponseLengthDriftAlarm(_Alarm):
+class ResponseLengthDriftAlarm(Alarm):
     """Warns when the mean response length drifts far from the first rollout's; logs ``diagnostics/response_len_drift``
     (mean length / first rollout's mean length).
 
@@ -233,12 +180,13 @@ class ResponseLengthDriftAlarm(_Alarm):
         if grew:
             advice = (
                 "the reward likely prefers longer responses (length bias): add a length penalty or normalize the "
-                "score by length, raise ppo.kl_coef, or lower generation.max_new_tokens."
+                "score by length, raise model.ppo.kl_coef, or lower model.generation.max_new_tokens."
             )
         else:
             advice = (
                 "the reward likely prefers short responses (or an early stop token): give it a minimum length "
-                "(e.g. CharFractionReward(min_len=...)), raise ppo.kl_coef, or check what a one-token response scores."
+                "(e.g. CharFractionReward(min_len=...)), raise model.ppo.kl_coef, or check what a one-token response "
+                "scores."
             )
         reference = self._reference
         self._check(
@@ -251,7 +199,7 @@ class ResponseLengthDriftAlarm(_Alarm):
         )
 
 
-class EOSRateAlarm(_Alarm):
+class EOSRateAlarm(Alarm):
     """Warns when too few responses end with a stop token (the rest were cut at ``max_new_tokens``).
 
     Args:
@@ -271,18 +219,19 @@ class EOSRateAlarm(_Alarm):
             trainer,
             eos_frac < self.min_eos_frac,
             lambda: (
-                f"only {eos_frac:.1%} of responses end with a stop token; the others hit generation.max_new_tokens and "
-                "are scored truncated. Set ppo.missing_eos_penalty (TRL uses 1.0), raise generation.max_new_tokens, "
-                "or check that the model's end-of-turn token is the tokenizer's EOS or in generation.stop_token_ids."
+                f"only {eos_frac:.1%} of responses end with a stop token; the others hit "
+                "model.generation.max_new_tokens and are scored truncated. Set model.ppo.missing_eos_penalty (TRL uses "
+                "1.0), raise model.generation.max_new_tokens, or check that the model's end-of-turn token is the "
+                "tokenizer's EOS or in model.generation.stop_token_ids."
             ),
         )
 
 
-class ExplainedVarianceAlarm(_Alarm):
+class ExplainedVarianceAlarm(Alarm):
     """Warns when the critic explains no variance of the returns after a warm-up: advantages are then mostly noise.
 
-    Computes ``1 - Var(returns - values) / Var(returns)`` over the rollout's real tokens from global sums (the value
-    the module logs as ``value/explained_var``).
+    Computes ``1 - Var(returns - values) / Var(returns)`` over the rollout's real tokens on every process
+    (:func:`~lightning_rlhf.distributed.explained_variance`, the value the module logs as ``value/explained_var``).
 
     Args:
         min_explained_var: warn when the explained variance is at or below this (0: no better than a constant).
@@ -301,26 +250,20 @@ class ExplainedVarianceAlarm(_Alarm):
     def on_rollout_end(self, trainer, pl_module, rollout, samples) -> None:
         if trainer.global_step < self.warmup_steps or rollout.returns is None:
             return
-        mask = rollout.response_mask
-        returns, residual = rollout.returns.double()[mask], (rollout.returns - rollout.old_values).double()[mask]
-        n, r, r2, e, e2 = _global_sums(
-            trainer, mask.sum(), returns.sum(), returns.square().sum(), residual.sum(), residual.square().sum()
-        )
-        var_returns = r2 / n - (r / n) ** 2
-        explained = 1.0 - (e2 / n - (e / n) ** 2) / var_returns if var_returns > 0 else math.nan
+        explained = explained_variance(rollout.returns, rollout.old_values, rollout.response_mask, _reduce_sum(trainer))
         self._check(
             trainer,
             explained <= self.min_explained_var,  # False for NaN (constant returns: nothing to explain)
             lambda: (
                 f"value/explained_var is {explained:.3g} after {trainer.global_step} iterations: the critic does not "
-                "predict the returns, so GAE advantages are mostly noise. Raise ppo.vf_coef, loosen or drop the "
-                "value clip (ppo.value_clip_coef), raise the learning rate, or check that the score's scale is "
-                "reasonable (ppo.score_norm)."
+                "predict the returns, so GAE advantages are mostly noise. Raise model.ppo.vf_coef, loosen or drop the "
+                "value clip (model.ppo.value_clip_coef), raise the learning rate, or check that the score's scale is "
+                "reasonable (model.ppo.score_norm)."
             ),
         )
 
 
-class RatioBlowUpAlarm(_Alarm):
+class RatioBlowUpAlarm(Alarm):
     """Warns when a minibatch's mean probability ratio pi / pi_old leaves a band around 1 (or is not finite).
 
     Reads ``policy/ratio_mean`` from each minibatch's global statistics. The ratio is 1 on an iteration's first
@@ -345,9 +288,9 @@ class RatioBlowUpAlarm(_Alarm):
             not self.min_ratio <= ratio <= self.max_ratio,  # True for NaN too
             lambda: (
                 f"policy/ratio_mean is {ratio:.3g} at PPO epoch {epoch}, minibatch {index}: one rollout moved the "
-                "policy too far. Lower the learning rate, use fewer ppo.ppo_epochs or more ppo.num_minibatches, set "
-                "ppo.early_stop_kl (e.g. 0.02) or ppo.ratio_threshold (e.g. 10), and check that the rollout and the "
-                "update use the same temperature and model (dropout, adapters)."
+                "policy too far. Lower the learning rate, use fewer model.ppo.ppo_epochs or more "
+                "model.ppo.num_minibatches, set model.ppo.early_stop_kl (e.g. 0.02) or model.ppo.ratio_threshold (e.g. "
+                "10), and check that the rollout and the update use the same temperature and model (dropout, adapters)."
             ),
         )
 
@@ -358,7 +301,7 @@ def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else math.nan
 
 
-class ModeCollapseAlarm(_Alarm):
+class ModeCollapseAlarm(Alarm):
     """Measures the diversity of each rollout's responses and warns when it collapses.
 
     Logs ``diagnostics/unique_frac`` (distinct responses / responses) and ``diagnostics/distinct_{n}`` (distinct
@@ -410,125 +353,7 @@ class ModeCollapseAlarm(_Alarm):
             lambda: (
                 f"responses are collapsing onto a few strings (unique {unique_frac:.1%}, distinct-{self.n} "
                 f"{distinct:.3g}): the policy found an output the reward overpays. Inspect it (SampleTableCallback), "
-                "fix the reward's loophole, raise ppo.kl_coef, lower the learning rate, or add ppo.ent_coef."
+                "fix the reward's loophole, raise model.ppo.kl_coef, lower the learning rate, or add "
+                "model.ppo.ent_coef."
             ),
         )
-
-
-class SampleTableCallback(RLCallback):
-    """Every ``every_n_steps`` PPO iterations, a table of prompt / response / score / KL / length.
-
-    Written on the global-zero process to every logger that can hold it: ``samples.csv`` (appended, with a ``step``
-    column) in a ``CSVLogger``'s run directory, ``log_table`` for loggers that have it (``WandbLogger``), a Markdown
-    text table for loggers whose experiment has ``add_text`` (``TensorBoardLogger``); and to the console as a rich
-    table (plain text without rich). ``score`` is the raw reward; ``kl`` is the per-response KL to the reference (the
-    sum of ``rollout.kl`` over its tokens); ``length`` counts response tokens, the stop token included.
-
-    Args:
-        every_n_steps: log the table on iterations 0, N, 2N, ...
-        max_rows: rows per table (the first rows of this process's rollout).
-        max_chars: console and TensorBoard cells are cut to this many characters (CSV and W&B keep the full text).
-        console: also print the table.
-    """
-
-    def __init__(self, every_n_steps: int = 10, max_rows: int = 8, max_chars: int = 200, console: bool = True) -> None:
-        if every_n_steps < 1 or max_rows < 1 or max_chars < 1:
-            raise ValueError("SampleTableCallback: every_n_steps, max_rows and max_chars must be >= 1.")
-        self.every_n_steps = every_n_steps
-        self.max_rows = max_rows
-        self.max_chars = max_chars
-        self.console = console
-
-    def on_rollout_end(self, trainer, pl_module, rollout, samples) -> None:
-        step = trainer.global_step
-        if not trainer.is_global_zero or step % self.every_n_steps:
-            return
-        rows = sample_rows(rollout, samples, step, self.max_rows)
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                _append_csv(os.path.join(logger.log_dir, SAMPLES_FILENAME), rows)
-            elif callable(getattr(logger, "log_table", None)):  # WandbLogger
-                logger.log_table(key="samples", columns=list(SAMPLE_COLUMNS), data=rows, step=step)
-            elif callable(getattr(logger.experiment, "add_text", None)):  # TensorBoardLogger's SummaryWriter
-                logger.experiment.add_text("samples", self._markdown(rows), global_step=step)
-        if self.console:
-            self._print(rows, step)
-
-    def _cut(self, text: str) -> str:
-        text = text.replace("\n", "\\n")
-        return text if len(text) <= self.max_chars else text[: self.max_chars - 1] + "…"
-
-    def _markdown(self, rows: list[list[Any]]) -> str:
-        def cell(value: Any) -> str:
-            text = f"{value:.4g}" if isinstance(value, float) else str(value)
-            return self._cut(text).replace("|", "\\|")
-
-        lines = ["| " + " | ".join(SAMPLE_COLUMNS[1:]) + " |", "|" + "---|" * (len(SAMPLE_COLUMNS) - 1)]
-        return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row[1:]) + " |" for row in rows])
-
-    def _print(self, rows: list[list[Any]], step: int) -> None:
-        try:
-            from rich.console import Console
-            from rich.table import Table
-            from rich.text import Text
-        except ImportError:
-            print(f"samples at step {step}:")
-            for _, prompt, response, score, kl, length in rows:
-                print(f"  {self._cut(prompt)!r} -> {self._cut(response)!r}  score={score:.3g} kl={kl:.3g} len={length}")
-            return
-        table = Table(title=f"samples at step {step}")
-        for name in SAMPLE_COLUMNS[1:]:
-            table.add_column(name, justify="right" if name in ("score", "kl", "length") else "left")
-        for _, prompt, response, score, kl, length in rows:  # Text(): brackets in samples are not rich markup
-            table.add_row(Text(self._cut(prompt)), Text(self._cut(response)), f"{score:.3g}", f"{kl:.3g}", str(length))
-        Console().print(table)
-
-
-def sample_rows(rollout: Rollout, samples: RolloutSamples, step: int, max_rows: int) -> list[list[Any]]:
-    """The first ``max_rows`` rows as ``[step, prompt, response, score, kl, length]`` (columns ``SAMPLE_COLUMNS``)."""
-    rows = min(max_rows, len(rollout))
-    mask = rollout.response_mask[:rows]
-    kl = torch.where(mask, rollout.kl[:rows], 0.0).sum(-1) if rollout.kl is not None else torch.full((rows,), math.nan)
-    scores, kl, lengths = samples.raw_scores[:rows].tolist(), kl.tolist(), mask.sum(-1).tolist()
-    return [
-        [step, samples.prompts[i], samples.responses[i], float(scores[i]), float(kl[i]), int(lengths[i])]
-        for i in range(rows)
-    ]
-
-
-def _append_csv(path: str, rows: list[list[Any]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        if new:
-            writer.writerow(SAMPLE_COLUMNS)
-        writer.writerows(rows)
-
-
-class PlotCallback(Callback):
-    """At the end of ``fit``, PNG plots of the run's metrics in ``<run dir>/<dirname>/`` (see ``lightning_rlhf.plots``).
-
-    Reads the ``metrics.csv`` of the trainer's first ``CSVLogger`` (the ``lightning-rlhf`` command's default logger)
-    after flushing it. Needs matplotlib (``pip install 'lightning-rlhf[plots]'``); constructing the callback without
-    it raises an ImportError, before any training.
-
-    Args:
-        dirname: folder under the run directory for the PNGs.
-    """
-
-    def __init__(self, dirname: str = "plots") -> None:
-        plots.require_matplotlib()
-        self.dirname = dirname
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and not any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
-            rank_zero_warn("PlotCallback needs a CSVLogger to read metrics from; no plots will be written.")
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if logger is None or not trainer.is_global_zero:
-            return
-        logger.save()
-        written = plots.plot_run(logger.log_dir, os.path.join(logger.log_dir, self.dirname))
-        rank_zero_info(f"PlotCallback: wrote {len(written)} plots to {os.path.join(logger.log_dir, self.dirname)}")

@@ -78,7 +78,7 @@ class DecoderShape:
         """
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if any(getattr(text, name, None) for name in _MOE_FIELDS):
-            raise ValueError(f"{type(text).__name__} is a mixture of experts; lightning_rlhf.flops counts dense MLPs.")
+            raise ValueError(f"{type(text).__name__} is a mixture of experts; benchmarks/flops.py counts dense MLPs.")
         names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         missing = [name for name in names if getattr(text, name, None) is None]
         if missing:

@@ -1,0 +1,25 @@
+"""Shared by the tests: the tiny model's shape and a quiet CPU trainer (fixtures built on them are in conftest.py)."""
+
+from typing import Any
+
+from lightning.pytorch import Trainer
+
+from lightning_rlhf.models import PolicyConfig, TinyModelConfig
+
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+"""The tests' tiny random Llama: 2 layers of width 32, seconds to build and train on a CPU."""
+TINY_POLICY = PolicyConfig(tiny=TINY)
+"""The tiny Llama as a policy, with the byte tokenizer."""
+
+
+def cpu_trainer(**overrides: Any) -> Trainer:
+    """A one-device CPU ``Trainer`` without logger, checkpoints, progress bar or model summary; ``overrides`` win."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return Trainer(**(settings | overrides))
