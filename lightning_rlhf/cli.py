@@ -46,6 +46,14 @@ class RLHFCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse ``args`` (``sys.argv[1:]`` when None) with every nested null flag rewritten
+        (:func:`null_flags_as_mappings`); a dict or Namespace is parsed as LightningCLI does."""
+        if args is not None and not isinstance(args, (list, tuple)):
+            super().parse_arguments(parser, args)
+            return
+        self.config = parser.parse_args(null_flags_as_mappings(sys.argv[1:] if args is None else list(args)))
+
     def before_instantiate_classes(self) -> None:
         """Point a ``RunCSVLogger`` without ``save_dir`` at ``trainer.default_root_dir`` (or ``runs``); a logger with
         its own ``save_dir``, or any other logger, is left as configured."""
@@ -118,7 +126,7 @@ def main(args: list[str] | None = None) -> None:
             "log_every_n_steps": 1,
             "plugins": [{"class_path": "lightning_rlhf.checkpointing.AtomicCheckpointIO"}],
         },
-        args=null_flags_as_mappings(sys.argv[1:] if args is None else list(args)),
+        args=args,
     )
 
 

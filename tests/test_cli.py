@@ -194,6 +194,18 @@ def test_a_null_flag_keeps_the_other_fields_of_its_config(capsys):
     assert ppo["num_minibatches"] == 4
 
 
+def test_the_console_script_reads_sys_argv_with_nulls_and_no_lightning_warning(capsys, monkeypatch, recwarn):
+    # As `lightning-rlhf fit ...` runs: main() without args. Handing LightningCLI the rewritten sys.argv as `args`
+    # made it warn on every run that args and command-line arguments were both given.
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    argv = ["lightning-rlhf", "fit", "--config", recipe, "--model.ppo.max_grad_norm", "null", "--print_config"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit):
+        main()
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["ppo"]["max_grad_norm"] is None
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
+
+
 def test_quickstart_learns_where_its_earlier_settings_fell_back(tmp_path, monkeypatch):
     # Seed 3 of the shipped recipe: with the earlier lr 1e-3 (gradient norm climbing against max_grad_norm 1.0) the
     # score fell back after step 45, to a mean of 0.73 over steps 51-60; with lr 5e-4 it is 0.95 (0.93-0.95 over
