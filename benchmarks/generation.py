@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from presets import add_model_arguments, policy_config, save_random_model
+from presets import add_model_arguments, policy_config, save_random_model, synchronize
 
 from lightning_rlhf.models import LoraConfig, build_policy, load_tokenizer
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
@@ -184,12 +184,6 @@ def run(args: argparse.Namespace, model_dir: str) -> None:
         ),
     }
     print(json.dumps(result), file=sys.stdout, flush=True)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA work, so the clock reads when the kernels are done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import torch
-from presets import add_model_arguments, build_benchmark_policy
+from presets import add_model_arguments, build_benchmark_policy, synchronize
 from torch import Tensor
 
 from lightning_rlhf.config import PPOConfig
@@ -189,12 +189,6 @@ def run(args: argparse.Namespace, model: PolicyValueModel, distribution: str) ->
         # Per phase and variant; scoring is 2 forwards over the batch (policy, reference), the update epoch 1.
         "decoder_positions": positions | {"real_tokens_scoring": 2 * real, "real_tokens_update": real},
     }
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA work, so the clock reads when the kernels are done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Model presets of the benchmarks: published architectures with random weights, loaded through ``from_pretrained``.
+"""Model presets of the benchmarks: published architectures with random weights, loaded through ``from_pretrained``;
+and the helpers every benchmark shares (the model options, the CUDA wait before a clock read).
 
 A preset is a ``transformers`` config. :func:`save_random_model` builds the causal LM from it with seeded random
 weights and saves it to a directory, which the benchmark then loads as ``PolicyConfig(name_or_path=directory,
@@ -131,3 +132,9 @@ def build_benchmark_policy(args: argparse.Namespace) -> PolicyValueModel:
         cfg = policy_config(args, model_dir)
         lora = LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
         return build_policy(cfg, lora, load_tokenizer(cfg)).to(args.device).train()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so the clock reads when the kernels are done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

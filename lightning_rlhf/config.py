@@ -21,6 +21,18 @@ ScoreNorm = Literal["none", "batch", "running"]
 SCORE_NORMS: tuple[str, ...] = ("none", "batch", "running")
 SCORE_NORM_EPS = 1e-8
 """Added to the score standard deviation before dividing."""
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = (
+    "gae",
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "reinforce_plus_plus",
+    "reinforce_plus_plus_baseline",
+)
+"""``ppo.advantage_estimator`` values (verl's names); every one but ``gae`` is critic-free."""
+GROUP_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
+"""Estimators whose baseline is the other responses to the same prompt: they need ``samples_per_prompt >= 2``."""
+KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss")
 ENGINES: tuple[str, ...] = ("cached", "hf")
 """Sampling engines of :mod:`lightning_rlhf.models.engines`, by name."""
 
@@ -29,8 +41,34 @@ ENGINES: tuple[str, ...] = ("cached", "hf")
 class PPOConfig:
     """PPO and RLHF hyperparameters. Defaults follow TRL / cleanrl unless a comment says otherwise."""
 
+    advantage_estimator: Literal[
+        "gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"
+    ] = "gae"
+    """How advantages are estimated (README "Advantage estimators"): ``gae`` with the critic (value head), or a
+    critic-free one (no value head, no value forward or loss): ``grpo``, ``dr_grpo``, ``rloo``,
+    ``reinforce_plus_plus_baseline`` (group baselines; need ``generation.samples_per_prompt >= 2``) or
+    ``reinforce_plus_plus``."""
+    group_std_norm: Literal["group", "batch", "none"] = "group"
+    """``grpo`` only: divide the group-centered return by the group's std (``group``), by the std over the whole
+    rollout (``batch``; over every process under ``stats_scope: global``), or not at all (``none``, which is
+    ``dr_grpo``)."""
+    filter_zero_std_groups: bool = False
+    """Leave the responses of a group whose scores are all equal out of the loss and its token counts (DAPO's dynamic
+    sampling, without refilling the batch); needs ``samples_per_prompt >= 2``. ``rollout/zero_std_frac`` is logged
+    either way."""
+    mask_truncated: bool = False
+    """Leave responses that hit ``max_new_tokens`` without a stop token out of the loss (TRL
+    ``mask_truncated_completions``)."""
+    overlong_buffer: int | None = None
+    """DAPO's soft over-long punishment: over the last this many tokens before ``generation.max_new_tokens`` the
+    score falls linearly, by ``overlong_penalty`` at the limit; None = off."""
+    overlong_penalty: float = 1.0
+    """Score penalty of a response of ``max_new_tokens`` tokens when ``overlong_buffer`` is set (DAPO: 1.0)."""
     clip_coef: float = 0.2
     """Policy ratio clip epsilon (PPO paper, TRL `cliprange`)."""
+    clip_coef_high: float | None = None
+    """Upper epsilon of the ratio clip, ``clip(r, 1 - clip_coef, 1 + clip_coef_high)`` (DAPO's clip-higher, e.g.
+    0.28); None = ``clip_coef``."""
     dual_clip_coef: float | None = None
     """Dual-clip c > 1 for negative advantages (Ye et al. 2020); None disables it."""
     value_clip_coef: float | None = 0.2
@@ -40,19 +78,29 @@ class PPOConfig:
     ent_coef: float = 0.0
     """Weight of the entropy bonus (0 = off, as in TRL, verl, OpenRLHF)."""
     kl_coef: float = 0.05
-    """Initial beta of the per-token KL penalty in the reward (TRL default 0.05)."""
+    """Initial beta of the per-token KL penalty (TRL default 0.05)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward: k1 (unbiased), k2 (>= 0, biased) or k3 (unbiased, >= 0)."""
+    """Per-token KL estimator: k1 (unbiased), k2 (>= 0, biased) or k3 (unbiased, >= 0; verl's ``low_var_kl``)."""
+    kl_placement: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty acts: ``reward`` (``-kl_coef * KL`` on every token's reward, InstructGPT) or ``loss``
+    (``kl_coef`` times the aggregated KL of the current policy to the reference, added to the objective: GRPO's
+    form, verl ``use_kl_loss``; k3 is the usual estimator there)."""
     target_kl: float | None = None
     """Target per-sequence KL (nats) of the adaptive controller; None keeps ``kl_coef`` fixed."""
     kl_horizon: int = 10000
     """Horizon of the adaptive KL controller in samples (Ziegler et al. 2019 use 10000)."""
     gamma: float = 1.0
-    """Discount factor over response tokens."""
+    """Discount factor over response tokens (``gae`` and ``reinforce_plus_plus``)."""
     gae_lambda: float = 0.95
     """GAE lambda (TRL / DeepSpeed-Chat default)."""
     whiten_advantages: bool = True
-    """Whiten advantages over the rollout's real tokens (zero mean, unit variance)."""
+    """``gae`` only: whiten advantages over the rollout's real tokens (zero mean, unit variance). REINFORCE++ always
+    whitens (its definition); the group estimators never do."""
+    critic_warmup_steps: int = 0
+    """``gae`` only: for the first this many iterations only the value head trains (the policy loss is not applied and
+    every other gradient is dropped), so the critic is not random when the policy starts moving."""
+    value_head_lr: float | None = None
+    """``gae`` only: learning rate of the value head (its own optimizer parameter group); None = the optimizer's."""
     stats_scope: Literal["global", "local"] = "global"
     """Over which data the advantage-whitening and score-normalization moments and the token-mean loss denominator
     are taken: ``global`` (all processes: results do not depend on the number of devices) or ``local`` (each
@@ -66,9 +114,11 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout."""
     num_minibatches: int = 1
-    """Optimizer steps per PPO epoch; must divide the per-device rollout batch size."""
+    """Optimizer steps per PPO epoch; must divide the per-device rollout size (``data.batch_size x
+    generation.samples_per_prompt`` responses)."""
     micro_batch_size: int | None = None
-    """Rows per forward/backward (gradient accumulation within a minibatch); None = the whole minibatch."""
+    """Responses per forward/backward (gradient accumulation within a minibatch; also the rows of each rollout scoring
+    forward); None = the whole minibatch."""
     packing: bool = False
     """Pack the real tokens of a micro-batch's rows into fewer rows for every scoring and update forward (no compute
     on padding; :mod:`lightning_rlhf.models.packing`). Pays when responses end at different lengths; results equal the
@@ -90,14 +140,37 @@ class PPOConfig:
     max_consecutive_skips: int = 10
     """Skipped updates (non-finite loss or gradient, ratio threshold) in a row before training stops with an
     error."""
-    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
-    """How per-token losses become one number: token-mean (all real tokens) or seq-mean-token-mean."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    """How per-token losses become one number: ``token-mean`` (all real tokens), ``seq-mean-token-mean`` (each
+    response's token mean, then their mean), ``seq-mean-token-sum`` (token sums, then their mean) or
+    ``seq-mean-token-sum-norm`` (token sums over ``generation.max_new_tokens``, then their mean: Dr. GRPO)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, fix: str) -> None:
             if not ok:
                 raise ValueError(f"model.ppo.{field}={getattr(self, field)!r} is invalid: {fix}.")
 
+        need(
+            self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+            "advantage_estimator",
+            f"choose one of {ADVANTAGE_ESTIMATORS}",
+        )
+        need(self.group_std_norm in F.GROUP_STD_NORMS, "group_std_norm", f"choose one of {F.GROUP_STD_NORMS}")
+        need(self.kl_placement in KL_PLACEMENTS, "kl_placement", f"choose one of {KL_PLACEMENTS}")
+        need(self.overlong_buffer is None or self.overlong_buffer >= 1, "overlong_buffer", "use >= 1 token or null")
+        need(self.overlong_penalty >= 0, "overlong_penalty", "use a penalty >= 0")
+        need(self.clip_coef_high is None or self.clip_coef_high > 0, "clip_coef_high", "use a value > 0 or null")
+        need(self.critic_warmup_steps >= 0, "critic_warmup_steps", "use a number of iterations >= 0")
+        need(self.value_head_lr is None or self.value_head_lr > 0, "value_head_lr", "use a positive rate or null")
+        if not self.uses_critic:
+            for name, default in (("critic_warmup_steps", 0), ("value_head_lr", None)):
+                need(
+                    getattr(self, name) == default,
+                    name,
+                    f"advantage_estimator {self.advantage_estimator!r} has no critic; leave it at {default}",
+                )
         need(self.kl_estimator in F.KL_ESTIMATORS, "kl_estimator", f"choose one of {F.KL_ESTIMATORS}")
         need(self.aggregation in F.AGGREGATIONS, "aggregation", f"choose one of {F.AGGREGATIONS}")
         need(self.score_norm in SCORE_NORMS, "score_norm", f"choose one of {SCORE_NORMS}")
@@ -126,6 +199,11 @@ class PPOConfig:
         need(self.max_consecutive_skips >= 0, "max_consecutive_skips", "use a value >= 0")
 
     @property
+    def uses_critic(self) -> bool:
+        """Whether the estimator needs the critic (``gae``): a value head, values in the rollout, a value loss."""
+        return self.advantage_estimator == "gae"
+
+    @property
     def forward_options(self) -> ForwardOptions:
         """How the scoring and update forwards run: ``packing`` and ``lm_head_chunk_size``."""
         return ForwardOptions(packing=self.packing, lm_head_chunk_size=self.lm_head_chunk_size)
@@ -145,6 +223,10 @@ class GenerationConfig:
     """Nucleus sampling mass in (0, 1]; 1 turns it off (logprobs ignore the truncation)."""
     do_sample: bool = True
     """False decodes greedily (deterministic tests); the logprobs still use ``temperature``."""
+    samples_per_prompt: int = 1
+    """Responses sampled for each prompt (n): a rollout on a process is ``data.batch_size x n`` responses, a prompt's n
+    adjacent and on the same process (a group, for the group estimators). The prompt is encoded once; the ``cached``
+    engine runs its prefill once for all n."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end a response besides the tokenizer's EOS."""
     min_new_tokens: int = 0
@@ -157,7 +239,8 @@ class GenerationConfig:
     """Merge the LoRA adapter into the base weights while generating (restored bit for bit afterwards); skipped where
     it cannot apply (no adapter, sharded or quantized weights, ``modules_to_save``, DoRA)."""
     batch_size: int | None = None
-    """Prompts sampled at once; None samples the whole per-device batch together (fastest; set it to cap memory)."""
+    """Prompts sampled at once (each with its ``samples_per_prompt`` responses); None samples the whole per-device
+    batch together (fastest; set it to cap memory)."""
     cast_weights_once: bool = True
     """Under autocast (``precision: bf16-mixed``), cast the sampled LM's weights to bfloat16 once per rollout instead
     of once per decode step. Holds one bfloat16 copy of those weights while sampling; set false when memory is tight.
@@ -181,12 +264,35 @@ class GenerationConfig:
             )
         if self.engine not in (*ENGINES, "auto"):
             raise ValueError(f"model.generation.engine must be 'auto', 'cached' or 'hf', got {self.engine!r}.")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"model.generation.samples_per_prompt must be >= 1, got {self.samples_per_prompt}.")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"model.generation.batch_size must be >= 1 or None (whole batch), got {self.batch_size}.")
 
 
+def check_ppo_with_generation(ppo: PPOConfig, generation: GenerationConfig) -> None:
+    """Raise ``ValueError`` naming the fields when ``ppo`` asks for something ``generation`` does not give."""
+    n = generation.samples_per_prompt
+    if n < 2:
+        if ppo.advantage_estimator in GROUP_ESTIMATORS:
+            raise ValueError(
+                f"model.ppo.advantage_estimator={ppo.advantage_estimator!r} compares the responses to the same prompt: "
+                f"set model.generation.samples_per_prompt >= 2 (e.g. 4), got {n}."
+            )
+        if ppo.filter_zero_std_groups:
+            raise ValueError(
+                "model.ppo.filter_zero_std_groups needs groups of responses to one prompt: set "
+                f"model.generation.samples_per_prompt >= 2, got {n}."
+            )
+    if ppo.overlong_buffer is not None and ppo.overlong_buffer > generation.max_new_tokens:
+        raise ValueError(
+            f"model.ppo.overlong_buffer={ppo.overlong_buffer} is longer than model.generation.max_new_tokens="
+            f"{generation.max_new_tokens}; use a buffer of at most max_new_tokens tokens."
+        )
+
+
 def build_optimizers(
-    parameters: Iterable[torch.nn.Parameter],
+    parameters: Iterable[torch.nn.Parameter] | list[dict[str, Any]],
     optimizer_factory: Callable[[Any], torch.optim.Optimizer],
     lr_scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None,
     interval: str | None = "step",
@@ -194,7 +300,8 @@ def build_optimizers(
     """What a stage's ``configure_optimizers`` returns: the optimizer of the trainable ``parameters`` and its scheduler.
 
     Args:
-        parameters: the module's parameters; those that require grad are optimized.
+        parameters: the module's parameters, or optimizer parameter groups (dicts with ``"params"`` and options such
+            as ``"lr"``); those that require grad are optimized.
         optimizer_factory: builds the optimizer from them (LightningCLI ``OptimizerCallable``).
         lr_scheduler_factory: builds an LR scheduler from the optimizer, or None.
         interval: Lightning's scheduler ``interval`` (``"step"``: every optimizer step); None hands the scheduler back
@@ -202,10 +309,14 @@ def build_optimizers(
     Raises:
         ValueError: nothing is trainable.
     """
-    trainable = [p for p in parameters if p.requires_grad]
-    if not trainable:
+    items = list(parameters)
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
+    if not any(group["params"] for group in groups):
         raise ValueError("No trainable parameters: enable LoRA (model.lora.enabled) or full fine-tuning.")
-    optimizer = optimizer_factory(trainable)
+    # Plain parameters go in as a list, as every optimizer callable takes them.
+    plain = len(groups) == 1 and groups[0].keys() == {"params"}
+    optimizer = optimizer_factory(groups[0]["params"] if plain else groups)
     if lr_scheduler_factory is None:
         return optimizer
     scheduler = lr_scheduler_factory(optimizer)

@@ -44,7 +44,8 @@ def fully_shard_policy(model: PolicyValueModel, mesh: Any) -> None:
             fully_shard(layer, mesh=mesh)
     # FSDP2 needs one dtype among a unit's trainable parameters: the value head is always float32, the LM's weights
     # may be bfloat16 (policy.dtype), so the head is a unit of its own.
-    fully_shard(model.value_head, mesh=mesh)
+    if model.value_head is not None:
+        fully_shard(model.value_head, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 
@@ -97,19 +98,25 @@ def explained_variance(returns: Tensor, values: Tensor, mask: Tensor, reduce_sum
     return 1.0 - (e2 / n - (e / n) ** 2) / var_returns if var_returns > 0 else math.nan
 
 
+def global_moments(x: Tensor, reduce_sum: ReduceSum | None) -> tuple[float, float, float]:
+    """``(count, mean, unbiased variance)`` of every entry of ``x`` on every process together (or on this one,
+    ``reduce_sum`` None), from one collective of ``[count, sum, sum of squares]``; the variance is NaN below 2."""
+    sums = F.moment_sums(x)
+    count, total, total_sq = (sums if reduce_sum is None else reduce_sum(sums)).tolist()
+    mean = total / count if count > 0 else math.nan
+    var = max(total_sq - count * mean**2, 0.0) / (count - 1) if count >= 2 else math.nan
+    return count, mean, var
+
+
 def whiten(x: Tensor, mask: Tensor, reduce_sum: ReduceSum | None) -> Tensor | None:
     """``x`` whitened over the True entries of ``mask`` on every process together, or on this one (``reduce_sum``
     None, :func:`~lightning_rlhf.functional.masked_whiten` itself); None when they are fewer than 2 (no variance).
 
     Every process must call it when ``reduce_sum`` is given (one collective of ``[count, sum, sum of squares]``).
     """
-    sums = F.moment_sums(x[mask])
-    if reduce_sum is not None:
-        sums = reduce_sum(sums)
-    count, total, total_sq = sums.tolist()
+    count, mean, var = global_moments(x[mask], reduce_sum)
     if count < 2:
         return None
     if reduce_sum is None:
         return F.masked_whiten(x, mask)
-    mean = total / count
-    return F.masked_whiten(x, mask, mean=mean, var=(total_sq - count * mean**2) / (count - 1))
+    return F.masked_whiten(x, mask, mean=mean, var=var)

@@ -76,7 +76,8 @@ def export_policy(
             hub id or path (the tiny random model), from which the adapter could not be loaded otherwise.
     Returns:
         The paths written, by name: ``"adapter"``, ``"base"``, ``"merged"`` (directories) and ``"value_head"`` (the
-        safetensors file; ``value_head.json`` lies beside it), each only when written.
+        safetensors file; ``value_head.json`` lies beside it; not for a policy without a critic), each only when
+        written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,8 @@ def export_policy(
             paths["merged"] = _save_pretrained(copy.deepcopy(model.lm).merge_and_unload(), tokenizer, out / MERGED_DIR)
     else:
         paths["merged"] = _save_pretrained(model.lm, tokenizer, out / MERGED_DIR)
-    paths["value_head"] = save_value_head(model.value_head, out)
+    if model.value_head is not None:  # a critic-free run has none
+        paths["value_head"] = save_value_head(model.value_head, out)
     return paths
 
 

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from lightning_rlhf import functional as F
 from lightning_rlhf import strategies as _strategies  # noqa: F401  (registers --trainer.strategy fsdp2)
+from lightning_rlhf.advantages import estimate_advantages
 from lightning_rlhf.checkpointing import base_model_fingerprint, gather_rng_states, set_rng_state
 from lightning_rlhf.config import (
     SCORE_NORM_EPS,
@@ -41,12 +41,13 @@ from lightning_rlhf.config import (
     PPOConfig,
     as_config,
     build_optimizers,
+    check_ppo_with_generation,
     default_optimizer,
 )
 from lightning_rlhf.control import AdaptiveKLController, FixedKLController, RunningMoments, normalize_scores
-from lightning_rlhf.distributed import GlobalStats, explained_variance, full_value, fully_shard_policy, whiten
+from lightning_rlhf.distributed import GlobalStats, explained_variance, full_value, fully_shard_policy
 from lightning_rlhf.functional.random_streams import response_keys
-from lightning_rlhf.loss import micro_batch_weight, ppo_objective
+from lightning_rlhf.loss import loss_units, micro_batch_weight, ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, cast_weights, load_tokenizer
 from lightning_rlhf.modes import full_precision
 from lightning_rlhf.precision import keep_trained_weights_float32
@@ -57,6 +58,9 @@ from lightning_rlhf.types import Rollout, RolloutSamples
 
 class PPOModule(LightningModule):
     """PPO for RLHF with a LoRA policy, an adapter-disabled reference and a value head on the shared backbone.
+
+    With a critic-free ``ppo.advantage_estimator`` (GRPO, RLOO, REINFORCE++, ...) there is no value head, and
+    ``generation.samples_per_prompt`` responses per prompt give the group baselines.
 
     Customize the reward by passing any :class:`~lightning_rlhf.rewards.Reward` (YAML ``class_path``) or a function
     ``f(prompts, responses) -> Tensor``, or by subclassing this module and overriding :meth:`reward`.
@@ -89,6 +93,7 @@ class PPOModule(LightningModule):
         self.lora_config = as_config(LoraConfig, lora)
         self.generation = as_config(GenerationConfig, generation)
         self.ppo = as_config(PPOConfig, ppo)
+        check_ppo_with_generation(self.ppo, self.generation)
         # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True); __init__ accepts them back.
         self.save_hyperparameters(
             {
@@ -119,6 +124,8 @@ class PPOModule(LightningModule):
         read again in ``setup`` (after ``seed_everything``) and restored from a checkpoint."""
         self._consecutive_skips = 0
         self._iteration_counted = False
+        self._critic_warmup = False
+        """True in the first ``ppo.critic_warmup_steps`` iterations, in which only the value head trains."""
         self._update_counts: dict[str, float] = {}
         # Checkpoints hold only trained weights; the frozen base is rebuilt in configure_model.
         self.strict_loading = False
@@ -128,7 +135,8 @@ class PPOModule(LightningModule):
         if self.model is not None:
             return
         # Frozen weights in half precision under bf16-true before FSDP2 shards them; trained weights stay float32.
-        self.model = cast_weights(build_policy(self.policy_config, self.lora_config, self.tokenizer), self.frozen_dtype)
+        policy = build_policy(self.policy_config, self.lora_config, self.tokenizer, value_head=self.ppo.uses_critic)
+        self.model = cast_weights(policy, self.frozen_dtype)
         if self.device_mesh is not None:  # ModelParallelStrategy / fsdp2: shard with FSDP2 over data-parallel ranks
             fully_shard_policy(self.model, self.device_mesh["data_parallel"])
 
@@ -139,7 +147,21 @@ class PPOModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         # The scheduler is returned bare: ppo_update steps it once per PPO iteration.
-        return build_optimizers(self.parameters(), self.optimizer_factory, self.lr_scheduler_factory, interval=None)
+        return build_optimizers(
+            self._parameter_groups(), self.optimizer_factory, self.lr_scheduler_factory, interval=None
+        )
+
+    def _parameter_groups(self) -> Any:
+        """The parameters, or with ``ppo.value_head_lr`` two groups: the value head at that rate, the rest."""
+        if self.ppo.value_head_lr is None:
+            return self.parameters()
+        assert self.model is not None
+        assert self.model.value_head is not None
+        head = {id(p) for p in self.model.value_head.parameters()}
+        return [
+            {"params": [p for p in self.parameters() if id(p) not in head]},
+            {"params": list(self.model.value_head.parameters()), "lr": self.ppo.value_head_lr},
+        ]
 
     def setup(self, stage: str) -> None:
         if isinstance(self.trainer.strategy, FSDPStrategy):
@@ -199,9 +221,9 @@ class PPOModule(LightningModule):
         started = time.perf_counter()
         self._check_batch(batch)
         stats = GlobalStats()
-        # 1. rollout (no grad): sample responses; old and reference logprobs; values         -> rollout.py
+        # 1. rollout (no grad): n responses per prompt; old and reference logprobs; values   -> rollout.py
         rollout = self.rollout(batch)
-        # 2. score: reward on (prompt, response), then normalize / clip / missing-EOS penalty -> rewards/
+        # 2. score: reward on (prompt, response), then penalties / normalize / clip; loss mask -> rewards/
         scored = self.score(batch["prompts"], rollout, stats)
         if scored is None:  # non-finite scores after the first iteration: no update from this rollout
             self._skip_iteration()
@@ -209,7 +231,7 @@ class PPOModule(LightningModule):
         rollout, samples = scored
         # 3. shape: per-token reward = score at last token - kl_coef * KL                   -> functional.token_rewards
         rollout = self.shape_rewards(rollout, stats)
-        # 4. advantages: GAE, then masked whitening                                         -> functional.gae
+        # 4. advantages: GAE with the critic, or a critic-free estimator (GRPO, RLOO, ...)   -> advantages.py
         rollout = self.estimate_advantages(rollout, stats)
         rollout_seconds = time.perf_counter() - started  # before the hooks: a slow callback is not the rollout's
         self._call_rl_hook("on_rollout_end", rollout=rollout, samples=samples)
@@ -219,29 +241,36 @@ class PPOModule(LightningModule):
         self._log_and_control(rollout, stats, rollout_seconds, time.perf_counter() - started)
 
     def _check_batch(self, batch: dict[str, Any]) -> None:
-        size = int(batch["prompt_ids"].shape[0])
-        if size == 0:
+        prompts, n = int(batch["prompt_ids"].shape[0]), self.generation.samples_per_prompt
+        if prompts == 0:
             raise ValueError("Received an empty prompt batch; check the data source and data.batch_size.")
+        size = prompts * n
+        rollout_size = f"{size} (= data.batch_size {prompts} x model.generation.samples_per_prompt {n})"
         if size % self.ppo.num_minibatches:
             raise ValueError(
-                f"model.ppo.num_minibatches={self.ppo.num_minibatches} must divide the per-device batch size {size}; "
-                f"change model.ppo.num_minibatches or data.batch_size."
+                f"model.ppo.num_minibatches={self.ppo.num_minibatches} must divide the per-device rollout size "
+                f"{rollout_size}; change model.ppo.num_minibatches, data.batch_size or "
+                "model.generation.samples_per_prompt."
             )
         minibatch = size // self.ppo.num_minibatches
         micro = self.ppo.micro_batch_size
         if micro is not None and minibatch % micro:
             raise ValueError(
                 f"model.ppo.micro_batch_size={micro} must divide the minibatch size {minibatch} "
-                f"(= batch {size} / model.ppo.num_minibatches {self.ppo.num_minibatches})."
+                f"(= rollout size {rollout_size} / model.ppo.num_minibatches {self.ppo.num_minibatches})."
             )
 
     def rollout(self, batch: dict[str, Any]) -> Rollout:
-        """Step 1: sample a response to every prompt of ``batch`` and score it with the rollout policy, the reference
-        and the critic (:func:`~lightning_rlhf.rollout.generate_rollout`)."""
+        """Step 1: sample ``generation.samples_per_prompt`` responses to every prompt of ``batch`` and score them with
+        the rollout policy, the reference and the critic (:func:`~lightning_rlhf.rollout.generate_rollout`)."""
         assert self.model is not None
-        # One random stream per response, named by (seed, iteration, prompt): processes sample different responses
-        # because they hold different prompts, and a prompt's responses do not depend on the number of devices.
-        keys = response_keys(self.sampling_seed, self.global_step, self._prompt_index(batch))
+        # One random stream per response, named by (seed, iteration, prompt, sample): processes sample different
+        # responses because they hold different prompts, and a prompt's responses do not depend on the number of
+        # devices.
+        n = self.generation.samples_per_prompt
+        prompt_index = self._prompt_index(batch).repeat_interleave(n)
+        sample_index = torch.arange(n, device=prompt_index.device).repeat(len(prompt_index) // n)
+        keys = response_keys(self.sampling_seed, self.global_step, prompt_index, sample_index)
         return generate_rollout(
             self.model,
             batch["prompt_ids"],
@@ -271,10 +300,14 @@ class PPOModule(LightningModule):
     def score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples] | None:
         """Step 2: score the rollout; None when, after the first iteration, any process got a NaN or infinite score.
 
-        On the first iteration every problem with the scores (non-finite included) raises, so a broken reward stops
-        the run before any weight moves; later, a rare non-finite score skips one iteration instead of a long run.
-        Rewards run at full precision (:func:`~lightning_rlhf.modes.full_precision`), whatever the trainer's.
+        ``prompts`` are the batch's prompt texts, one per prompt: each response is scored with its own prompt
+        (``rollout.group_index``). On the first iteration every problem with the scores (non-finite included) raises,
+        so a broken reward stops the run before any weight moves; later, a rare non-finite score skips one iteration
+        instead of a long run. Rewards run at full precision (:func:`~lightning_rlhf.modes.full_precision`), whatever
+        the trainer's. Also sets the rollout's ``loss_mask`` (:meth:`trained_responses`).
         """
+        if rollout.group_index is not None:
+            prompts = [prompts[group] for group in rollout.group_index.tolist()]
         responses = self.decode_responses(rollout)
         tensors = {
             "prompt_ids": rollout.prompt_ids,
@@ -290,8 +323,16 @@ class PPOModule(LightningModule):
             return None
         if non_finite:
             validate_scores(raw, len(rollout), source)  # raises, naming the rows
-        scores = self.process_scores(raw, rollout.ended)
         lengths = rollout.response_mask.sum(-1).float()
+        shaped = raw
+        if self.ppo.overlong_buffer is not None:  # part of the reward: before normalization and group baselines
+            penalty = F.overlong_penalty(
+                lengths, self.generation.max_new_tokens, self.ppo.overlong_buffer, self.ppo.overlong_penalty
+            )
+            shaped = raw + penalty
+            stats.add("rollout/overlong_penalty", penalty.sum(), penalty.numel())
+        scores = self.process_scores(shaped, rollout.ended)
+        loss_mask = self.trained_responses(rollout, scores, stats)
         stats.add("rollout/score", raw.sum(), raw.numel())
         stats.add("rollout/_score_sq", raw.double().square().sum(), raw.numel())
         stats.add("rollout/response_len", lengths.sum(), lengths.numel())
@@ -300,7 +341,27 @@ class PPOModule(LightningModule):
             with full_precision(self.device.type):
                 true_reward = call_reward(self.eval_reward, prompts, responses, **tensors)
             stats.add("rollout/true_reward", true_reward.sum(), true_reward.numel())
-        return dataclasses.replace(rollout, scores=scores), RolloutSamples(prompts, responses, raw)
+        scored = dataclasses.replace(rollout, scores=scores, loss_mask=loss_mask)
+        return scored, RolloutSamples(prompts, responses, raw)
+
+    def trained_responses(self, rollout: Rollout, scores: Tensor, stats: GlobalStats) -> Tensor | None:
+        """(B,) bool ``loss_mask``: the responses the update trains on, or None for all of them.
+
+        ``ppo.filter_zero_std_groups`` leaves out the groups whose ``scores`` are all equal (no signal: every
+        group-relative advantage is 0; DAPO's dynamic sampling without refill), ``ppo.mask_truncated`` the responses
+        without a stop token. With several samples per prompt the share of such groups is logged either way.
+        """
+        keep = None
+        if self.generation.samples_per_prompt > 1 and rollout.group_index is not None:
+            zero_std = F.zero_std_groups(scores, rollout.group_index)
+            stats.add("rollout/zero_std_frac", zero_std.float().sum(), zero_std.numel())
+            if self.ppo.filter_zero_std_groups:
+                keep = ~zero_std
+        if self.ppo.mask_truncated:
+            keep = rollout.ended if keep is None else keep & rollout.ended
+        if keep is not None:
+            stats.add("rollout/trained_frac", keep.float().sum(), keep.numel())
+        return keep
 
     def process_scores(self, raw: Tensor, ended: Tensor) -> Tensor:
         """Raw scores (B,) -> the scores PPO optimizes: normalize, clip, then the missing-EOS penalty.
@@ -316,44 +377,28 @@ class PPOModule(LightningModule):
         return scores
 
     def shape_rewards(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
-        """Step 3: per-token rewards, ``-kl_coef * KL`` on every response token plus the score on the last one."""
+        """Step 3: per-token rewards, the score on the last real token plus, with ``ppo.kl_placement: reward``,
+        ``-kl_coef * KL`` on every response token (with ``loss`` the KL is a term of the objective instead)."""
         kl = F.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.ppo.kl_estimator)
         kl = torch.where(rollout.response_mask, kl, 0.0)
-        rewards = F.token_rewards(rollout.scores, kl, rollout.response_mask, self.kl_ctl.value)
+        in_reward = self.kl_ctl.value if self.ppo.kl_placement == "reward" else 0.0
+        rewards = F.token_rewards(rollout.scores, kl, rollout.response_mask, in_reward)
         seq_kl = kl.sum(-1)
         stats.add("objective/kl", seq_kl.sum(), seq_kl.numel())
         stats.add("objective/rlhf_reward", (rollout.scores - self.kl_ctl.value * seq_kl).sum(), seq_kl.numel())
         return dataclasses.replace(rollout, kl=kl, rewards=rewards)
 
-    def _whiten(self, advantages: Tensor, mask: Tensor) -> Tensor:
-        """Masked whitening with moments over this process (``local``) or over all processes (``global``).
-
-        A rollout with fewer than 2 real tokens (a per-device batch of one 1-token response under ``local``) has no
-        variance: its advantages are used as they are, with a warning.
-        """
-        whitened = whiten(advantages, mask, self._all_reduce_sum if self.ppo.stats_scope == "global" else None)
-        if whitened is None:
-            warnings.warn(
-                "Advantage whitening skipped for this rollout: it has fewer than 2 response tokens "
-                f"(model.ppo.stats_scope={self.ppo.stats_scope!r}), so no variance to divide by. Raise "
-                "data.batch_size or use model.ppo.stats_scope global.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return advantages
-        return whitened
-
     def estimate_advantages(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
-        """Step 4: GAE advantages and returns over the response tokens, then masked whitening."""
-        advantages, returns = F.gae(
-            rollout.rewards, rollout.old_values, rollout.response_mask, self.ppo.gamma, self.ppo.gae_lambda
-        )
-        if self.ppo.whiten_advantages:
-            advantages = self._whiten(advantages, rollout.response_mask)
-        mask, n_tokens = rollout.response_mask, rollout.response_mask.sum()
-        stats.add("value/returns", F.masked_sum(returns, mask), n_tokens)
-        # The same global value on every process: its mean over them is itself.
-        stats.add("value/explained_var", explained_variance(returns, rollout.old_values, mask, self._all_reduce_sum))
+        """Step 4: advantages by ``ppo.advantage_estimator`` (:func:`~lightning_rlhf.advantages.estimate_advantages`);
+        with the critic also its value targets, logged with its explained variance."""
+        reduce_sum = self._all_reduce_sum if self.ppo.stats_scope == "global" else None
+        advantages, returns = estimate_advantages(rollout, self.ppo, reduce_sum)
+        if self.ppo.uses_critic:
+            mask, n_tokens = rollout.response_mask, rollout.response_mask.sum()
+            stats.add("value/returns", F.masked_sum(returns, mask), n_tokens)
+            # The same global value on every process: its mean over them is itself.
+            explained = explained_variance(returns, rollout.old_values, mask, self._all_reduce_sum)
+            stats.add("value/explained_var", explained)
         return dataclasses.replace(rollout, advantages=advantages, returns=returns)
 
     def _any_process(self, flag: bool) -> bool:
@@ -385,14 +430,24 @@ class PPOModule(LightningModule):
 
     # ---------------------------------------------------------------------------------------------- the PPO update
     def ppo_update(self, rollout: Rollout, stats: GlobalStats) -> None:
-        """Step 5: ``ppo_epochs`` passes of ``num_minibatches`` shuffled minibatches, one optimizer step each."""
+        """Step 5: ``ppo_epochs`` passes of ``num_minibatches`` shuffled minibatches, one optimizer step each.
+
+        A minibatch with no trained token on any process (every response left out by ``loss_mask``) makes no step:
+        a step with zero gradients would still move AdamW's weights (momentum, weight decay). During the critic
+        warm-up (``ppo.critic_warmup_steps``) only the value head steps.
+        """
         optimizer = self.optimizers()
         self._iteration_counted = False
+        # Fixed for the whole iteration: global_step advances at its first optimizer step.
+        self._critic_warmup = self.global_step < self.ppo.critic_warmup_steps
         applied = skipped = 0
         stop = False
         for epoch in range(self.ppo.ppo_epochs):
             for index, minibatch in enumerate(rollout.minibatches(self.ppo.num_minibatches, self.shuffle_generator)):
-                minibatch_stats, total_norm = self._accumulate_gradients(minibatch, stats)
+                units = self._minibatch_units(minibatch)
+                if units is None:
+                    continue
+                minibatch_stats, total_norm = self._accumulate_gradients(minibatch, units, stats)
                 if self._apply_update(optimizer, minibatch_stats, total_norm, stats):
                     applied += 1
                 else:
@@ -413,18 +468,31 @@ class PPOModule(LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-    def _accumulate_gradients(self, minibatch: Rollout, stats: GlobalStats) -> tuple[dict[str, float], Tensor]:
-        """Backward over the minibatch in micro-batches.
+    def _minibatch_units(self, minibatch: Rollout) -> Tensor | None:
+        """What the minibatch's loss averages over (its trained tokens, or responses: :func:`~lightning_rlhf.loss.
+        loss_units`), as the per-process mean over processes under ``stats_scope: global``; None when no process has
+        any (only possible with a ``loss_mask``; every process gets the same answer)."""
+        units = loss_units(minibatch, self.ppo.aggregation).double()
+        # The mean over the *global* minibatch: data-parallel gradients are averaged over processes, so each process
+        # divides its sum by the mean count per process. Results do not depend on how the batch is split across
+        # devices.
+        if self.ppo.stats_scope == "global":
+            units = self._all_reduce_sum(units) / self.trainer.world_size
+        if minibatch.loss_mask is not None:
+            total = units if self.ppo.stats_scope == "global" else self._all_reduce_sum(units)
+            if not bool(total > 0):
+                return None
+        return units
+
+    def _accumulate_gradients(
+        self, minibatch: Rollout, units: Tensor, stats: GlobalStats
+    ) -> tuple[dict[str, float], Tensor]:
+        """Backward over the minibatch in micro-batches; ``units`` is what its loss averages over
+        (:meth:`_minibatch_units`).
 
         Returns its global (all-process) loss statistics and the gradient norm as ``_grad_norm`` returns it.
         """
         micro = self.ppo.micro_batch_size or len(minibatch)
-        # token-mean over the *global* minibatch: data-parallel gradients are averaged over processes, so each
-        # process divides its token sum by the mean token count per process. Results do not depend on how the
-        # batch is split across devices.
-        tokens = minibatch.response_mask.sum().double()
-        if self.ppo.stats_scope == "global":
-            tokens = self._all_reduce_sum(tokens) / self.trainer.world_size
         minibatch_stats = GlobalStats()
         if micro < len(minibatch):  # similar lengths in each micro-batch: less padding (the gradient sum is the same)
             minibatch = minibatch.select(minibatch.length_order())
@@ -433,13 +501,15 @@ class PPOModule(LightningModule):
             rows = torch.arange(start, min(start + micro, len(minibatch)), device=self.device)
             micro_batch = minibatch.select(rows)
             # Each micro-batch's loss is weighted by its share of the minibatch, so the accumulated gradient equals
-            # the gradient of the minibatch loss under either aggregation.
-            weight = micro_batch_weight(micro_batch, len(minibatch), tokens, self.ppo.aggregation)
+            # the gradient of the minibatch loss under every aggregation.
+            weight = micro_batch_weight(micro_batch, units, self.ppo.aggregation)
             loss = self._loss(micro_batch, stats, minibatch_stats)
             # DDP all-reduces the gradient once per minibatch, after its last micro-batch (no_sync before: the sum is
             # the same). FSDP2 reduce-scatters after each, which keeps its gradients sharded.
             with contextlib.nullcontext() if start == starts[-1] else self._gradient_sync_blocked():
                 self.manual_backward(loss * weight)
+        if self._critic_warmup:
+            self._keep_only_value_head_gradients()
         total_norm = self._grad_norm()
         minibatch_stats.add("policy/grad_norm", full_value(total_norm))
         return minibatch_stats.reduce(self._all_reduce_sum, self.device), total_norm
@@ -476,18 +546,40 @@ class PPOModule(LightningModule):
 
     def _loss(self, micro_batch: Rollout, stats: GlobalStats, minibatch_stats: GlobalStats) -> Tensor:
         assert self.model is not None
-        terms = ppo_objective(self.model, micro_batch, self.ppo, self.generation.temperature)
+        terms = ppo_objective(
+            self.model,
+            micro_batch,
+            self.ppo,
+            self.generation.temperature,
+            kl_coef=self.kl_ctl.value,
+            norm_length=self.generation.max_new_tokens,
+            train_policy=not self._critic_warmup,
+        )
         n = terms.tokens
         for record in (stats, minibatch_stats):
             record.add("loss/policy", terms.policy_loss * n, n)
-            record.add("loss/value", terms.value_loss * n, n)
+            if terms.value_loss is not None:
+                record.add("loss/value", terms.value_loss * n, n)
+            if terms.kl_loss is not None:
+                record.add("loss/kl", terms.kl_loss * n, n)
             record.add("loss/total", terms.loss.detach() * n, n)
             record.add("policy/entropy", terms.entropy * n, n)
             record.add("policy/approx_kl", terms.policy.approx_kl * n, n)
             record.add("policy/clipfrac", terms.policy.clipfrac * n, n)
             record.add("policy/ratio_mean", terms.policy.ratio_mean * n, n)
-            record.add("value/clipfrac", terms.value.clipfrac * n, n)
+            if terms.value is not None:
+                record.add("value/clipfrac", terms.value.clipfrac * n, n)
         return terms.loss
+
+    def _keep_only_value_head_gradients(self) -> None:
+        """Drop every gradient but the value head's (the value loss reaches the shared LoRA backbone too); an
+        optimizer skips a parameter without a gradient, weight decay included."""
+        assert self.model is not None
+        assert self.model.value_head is not None
+        head = {id(p) for p in self.model.value_head.parameters()}
+        for param in self.parameters():
+            if id(param) not in head:
+                param.grad = None
 
     @property
     def _trainable(self) -> list[Tensor]:

@@ -16,6 +16,9 @@ Choices made here (see :mod:`lightning_rlhf.types` for shapes and mask polarity)
   from ``forward_response``.
 - **Mode.** Generation and scoring run without gradients and in eval mode (no dropout), and every submodule's
   training flag is restored afterwards.
+- **Several samples per prompt.** With ``generation.samples_per_prompt = n`` the rollout has ``B * n`` rows, prompt
+  b's samples at rows ``b * n .. b * n + n - 1`` with ``group_index`` b; the prompt tensors are repeated for them.
+- **No critic.** A model without a value head (critic-free estimators) gives ``old_values`` None.
 """
 
 from __future__ import annotations
@@ -132,7 +135,13 @@ def _generate_and_score(
         stop_token_ids,
         pad_token_id,
     )
-    outputs: dict[str, list[Tensor]] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
+    n = generation.samples_per_prompt
+    group_index = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(n)
+    prompt_ids, prompt_mask = prompt_ids[group_index], prompt_mask[group_index]
+    critic = model.value_head is not None
+    outputs: dict[str, list[Tensor]] = {"old_logprobs": [], "ref_logprobs": []}
+    if critic:
+        outputs["old_values"] = []
     # Micro-batches of similar lengths, so each pads less; only the columns some row of a micro-batch uses go through
     # the model, and its outputs are zero-padded back to the rollout's width and put back in row order.
     order = length_order(prompt_mask, response_mask)
@@ -148,16 +157,21 @@ def _generate_and_score(
         pad = (0, response_ids.shape[1] - end)
         policy = forward_response(model, *args, generation.temperature, mode="policy", options=options)
         outputs["old_logprobs"].append(nn.functional.pad(policy.logprobs, pad))
-        outputs["old_values"].append(nn.functional.pad(policy.values, pad))
+        if critic:
+            outputs["old_values"].append(nn.functional.pad(policy.values, pad))
         ref = forward_response(model, *args, generation.temperature, mode="ref", options=options)
         outputs["ref_logprobs"].append(nn.functional.pad(ref.logprobs, pad))
+    scored = {name: torch.cat(parts)[torch.argsort(order)] for name, parts in outputs.items()}
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=response_ids,
         response_mask=response_mask,
+        old_logprobs=scored["old_logprobs"],
+        ref_logprobs=scored["ref_logprobs"],
+        old_values=scored.get("old_values"),
         ended=ended,
-        **{name: torch.cat(parts)[torch.argsort(order)] for name, parts in outputs.items()},
+        group_index=group_index,
     )
 
 
@@ -171,20 +185,23 @@ def sample_responses(
     synced_gpus: bool,
     sample_keys: Tensor | None = None,
 ) -> Tensor:
-    """Sample one response per prompt with ``generation.engine``; no scoring (see :func:`generate_rollout`).
+    """Sample ``generation.samples_per_prompt`` (n) responses per prompt with ``generation.engine``; no scoring (see
+    :func:`generate_rollout`).
 
     The adapter is merged for the whole call when ``generation.merge_lora`` allows it, and under autocast the weights
     are cast once for the call with ``generation.cast_weights_once``; prompts go to the engine in
-    chunks of ``generation.batch_size`` rows. Returns (B, T') long tokens, padded with ``pad_token_id`` to the
-    longest chunk; anything after a row's first stop token is to be ignored (:func:`truncate_at_stop`).
-    ``sample_keys`` (B,) int64 names each response's random stream
+    chunks of ``generation.batch_size`` prompts. Returns (B * n, T') long tokens, row ``b * n + s`` sample s of prompt
+    b, padded with ``pad_token_id`` to the longest chunk; anything after a row's first stop token is to be ignored
+    (:func:`truncate_at_stop`). ``sample_keys`` (B * n,) int64 names each response's random stream, in that row order
     (:func:`lightning_rlhf.functional.random_streams.response_keys`); None draws keys from the global torch RNG.
     """
+    n = generation.samples_per_prompt
     if sample_keys is None:
-        sample_keys = torch.randint(0, 2**KEY_BITS, (prompt_ids.shape[0],))
-    if sample_keys.shape != prompt_ids.shape[:1]:
+        sample_keys = torch.randint(0, 2**KEY_BITS, (prompt_ids.shape[0] * n,))
+    if sample_keys.shape != (prompt_ids.shape[0] * n,):
         raise ValueError(
-            f"sample_keys must be ({prompt_ids.shape[0]},), one per prompt; got {tuple(sample_keys.shape)}."
+            f"sample_keys must be ({prompt_ids.shape[0] * n},), one per response ({prompt_ids.shape[0]} prompts x "
+            f"model.generation.samples_per_prompt {n}); got {tuple(sample_keys.shape)}."
         )
     sample_keys = sample_keys.to(prompt_ids.device)
     engine = generation.engine if generation.engine != "auto" else ("hf" if synced_gpus else "cached")
@@ -203,7 +220,8 @@ def sample_responses(
         autocast_weights_once(model.lm, prompt_ids.device.type) if cast else contextlib.nullcontext(),
     ):
         for rows in _micro_batches(prompt_ids.shape[0], generation.batch_size):
-            inputs = (prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id, sample_keys[rows])
+            keys = sample_keys[rows.start * n : rows.stop * n]  # the chunk's prompts' samples, in row order
+            inputs = (prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id, keys)
             samples.append(sample(model, *inputs))
     width = max(tokens.shape[1] for tokens in samples)
     return torch.cat(
@@ -224,7 +242,8 @@ def generate_rollout(
     options: ForwardOptions = PADDED,
     sample_keys: Tensor | None = None,
 ) -> Rollout:
-    """Sample one response per prompt and compute old logprobs, reference logprobs and values.
+    """Sample ``generation.samples_per_prompt`` responses per prompt and compute old logprobs, reference logprobs and
+    values (none without a value head).
 
     Runs without gradients and in eval mode; every submodule's training flag is restored afterwards.
 
@@ -235,15 +254,15 @@ def generate_rollout(
         generation: sampling settings.
         eos_token_id: the tokenizer's EOS; ends a response like ``generation.stop_token_ids``.
         pad_token_id: written after the stop token.
-        micro_batch_size: rows per scoring forward (old/ref logprobs, values); None scores the whole batch at once.
-            Generation runs in chunks of ``generation.batch_size`` rows.
+        micro_batch_size: responses per scoring forward (old/ref logprobs, values); None scores the whole rollout at
+            once. Generation runs in chunks of ``generation.batch_size`` prompts.
         synced_gpus: keep generating until every rank is done (needed when parameters are sharded, e.g. FSDP).
         options: how the scoring forwards run (packing, ``lm_head`` chunks), as in the update
             (``PPOConfig.forward_options``).
-        sample_keys: (B,) int64, each response's random stream
+        sample_keys: (B * n,) int64, each response's random stream, prompt b's samples at ``b * n .. b * n + n - 1``
             (:func:`lightning_rlhf.functional.random_streams.response_keys`); None draws them from the global RNG.
     Returns:
-        A :class:`Rollout` with the first eight fields set.
+        A :class:`Rollout` of ``B * n`` responses with the first eight fields and ``group_index`` set.
     """
     prompt_mask = prompt_mask.bool()
     if prompt_ids.shape != prompt_mask.shape:

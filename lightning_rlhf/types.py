@@ -77,8 +77,9 @@ class RolloutSamples(NamedTuple):
 class Rollout:
     """One batch of sampled responses and everything PPO derives from it.
 
-    The rollout phase fills the first eight fields; scoring and advantage estimation add the rest with
-    ``dataclasses.replace`` (the record is immutable, so no stage edits another stage's tensors).
+    The rollout phase fills the first eight fields and ``group_index``; scoring and advantage estimation add the rest
+    with ``dataclasses.replace`` (the record is immutable, so no stage edits another stage's tensors). With several
+    samples per prompt, a prompt's responses are adjacent rows sharing a ``group_index``.
     """
 
     prompt_ids: Tensor
@@ -93,10 +94,16 @@ class Rollout:
     """(B, T) float32, log-probabilities of the sampled tokens under the rollout policy (temperature applied)."""
     ref_logprobs: Tensor
     """(B, T) float32, log-probabilities under the reference policy (same temperature)."""
-    old_values: Tensor
-    """(B, T) float32, value estimates V(s_t) of the rollout critic."""
+    old_values: Tensor | None
+    """(B, T) float32, value estimates V(s_t) of the rollout critic; None for a critic-free estimator."""
     ended: Tensor
     """(B,) bool, True when the response ended with a stop token rather than hitting ``max_new_tokens``."""
+    group_index: Tensor | None = None
+    """(B,) long, the response's group: the row of its prompt in the prompt batch it was sampled from (responses to the
+    same prompt share it). None: every response is a group of its own."""
+    loss_mask: Tensor | None = None
+    """(B,) bool, True for a response the update trains on (``ppo.filter_zero_std_groups`` and ``ppo.mask_truncated``
+    set some False); None: every response."""
     scores: Tensor | None = None
     """(B,) float32, sequence-level reward after normalization, clipping and the missing-EOS penalty."""
     kl: Tensor | None = None
@@ -120,6 +127,14 @@ class Rollout:
     def attention_mask(self) -> Tensor:
         """(B, P + T) bool, True for every real prompt or response token."""
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def trained_mask(self) -> Tensor:
+        """(B, T) bool, True for the response tokens the loss uses: ``response_mask`` in the rows ``loss_mask``
+        keeps."""
+        if self.loss_mask is None:
+            return self.response_mask
+        return self.response_mask & self.loss_mask[:, None]
 
     def text_mask(self) -> Tensor:
         """(B, T) bool, True for the response tokens that make its text: ``response_mask`` without the stop token

@@ -13,6 +13,8 @@ import yaml
 from lightning.pytorch import Callback
 from torch.distributed.tensor import DTensor
 
+from lightning_rlhf.rewards import Reward
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -93,3 +95,12 @@ class CountGradientSyncs(Callback):
     def on_train_end(self, trainer, module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"calls": self.calls}, self.out_dir / f"rank{trainer.global_rank}_syncs.pt")
+
+
+class SameScoreForSamePrompts(Reward):
+    """A reward: 0.5 for every response to a prompt that starts with "Same", the response's length otherwise."""
+
+    def __call__(self, prompts, responses, **tensors):
+        return torch.tensor(
+            [0.5 if p.startswith("Same") else float(len(r)) for p, r in zip(prompts, responses, strict=True)]
+        )

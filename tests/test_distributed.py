@@ -249,3 +249,93 @@ def test_fsdp2_trains_float32_weights_beside_a_bf16_frozen_base(tmp_path, lora, 
     assert any("value_head" in name for name in step2["weights"])
     assert not all(torch.equal(step1["weights"][name], step2["weights"][name]) for name in step2["weights"])
     assert all(math.isfinite(float(row["loss/total"])) for row in metrics(out))
+
+
+# ------------------------------------------------------------------------------------- several samples per prompt
+GROUP_METRICS = ("rollout/score", "rollout/zero_std_frac", "objective/kl", "loss/policy", "loss/kl", "policy/approx_kl")
+
+
+def group_config(out_dir: Path, batch_size: int, max_steps: int, ckpt_dir: Path | None = None) -> dict:
+    """GRPO with 4 samples per prompt and every statistic that crosses processes: the batch std of the returns, the
+    KL as a loss term, and the constant-normalised token sums of Dr. GRPO's aggregation."""
+    cfg = config(out_dir, batch_size, max_steps, ckpt_dir)
+    init = cfg["model"]["init_args"]
+    init["generation"] = {"max_new_tokens": 5, "samples_per_prompt": 4, "stop_token_ids": list(range(100, 200))}
+    init["ppo"] |= {
+        "advantage_estimator": "grpo",
+        "group_std_norm": "batch",
+        "kl_placement": "loss",
+        "kl_estimator": "k3",
+        "aggregation": "seq-mean-token-sum-norm",
+    }
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def group_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("groups")
+    out = {"single": run_cli(tmp, "single", group_config(tmp / "single", batch_size=4, max_steps=2))}
+    for name, strategy in (("ddp", "ddp_rlhf"), ("fsdp2", "fsdp2")):
+        cfg = group_config(tmp / name, batch_size=2, max_steps=3, ckpt_dir=tmp / f"{name}_ckpt")
+        out[name] = run_cli(tmp, name, cfg, *two_processes(strategy))
+        ckpt = next((tmp / f"{name}_ckpt").glob("*step=1.ckpt"))
+        cfg = group_config(tmp / f"{name}_resumed", batch_size=2, max_steps=3)
+        out[f"{name}_resumed"] = run_cli(tmp, f"{name}_resumed", cfg, *two_processes(strategy), f"--ckpt_path={ckpt}")
+    return out
+
+
+def test_each_process_samples_whole_groups_and_reaches_the_one_process_weights(group_runs):
+    # 4 prompts x 4 samples on one process, 2 x 4 on each of two: the same 16 responses, each group on one process
+    # (its statistics are its own), the batch std and every denominator global, so the same weights.
+    for step in (1, 2):
+        (single,) = dumps(group_runs["single"], step)
+        ddp = dumps(group_runs["ddp"], step)
+        assert [len(d["responses"]) for d in ddp] == [8, 8]
+        assert sorted(single["responses"]) == sorted(r for d in ddp for r in d["responses"])
+        # the distributed sampler deals prompts 0 and 2 to rank 0, 1 and 3 to rank 1: each with its 4 samples, adjacent
+        by_prompt = [single["responses"][4 * p : 4 * p + 4] for p in range(4)]
+        assert ddp[0]["responses"] == by_prompt[0] + by_prompt[2]
+        assert ddp[1]["responses"] == by_prompt[1] + by_prompt[3]
+        assert_same_weights(single["weights"], ddp[0]["weights"])
+        assert not any("value_head" in name for name in single["weights"])  # GRPO: no critic
+    for a, b in zip(metrics(group_runs["single"]), metrics(group_runs["ddp"])[:2], strict=True):
+        for key in GROUP_METRICS:
+            torch.testing.assert_close(torch.tensor(float(a[key])), torch.tensor(float(b[key])), msg=key)
+
+
+def test_fsdp2_matches_ddp_with_groups(group_runs):
+    for step in (1, 2):
+        fsdp = dumps(group_runs["fsdp2"], step)
+        assert fsdp[0]["responses"] == dumps(group_runs["ddp"], step)[0]["responses"]
+        assert_same_weights(fsdp[0]["weights"], dumps(group_runs["ddp"], step)[0]["weights"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_grouped_run_resumes_exactly(group_runs, strategy):
+    straight_run, resumed_run = group_runs[strategy], group_runs[f"{strategy}_resumed"]
+    for step in (2, 3):
+        resumed, straight = dumps(resumed_run, step), dumps(straight_run, step)
+        for rank in (0, 1):
+            assert resumed[rank]["responses"] == straight[rank]["responses"]
+        assert_same_weights(resumed[0]["weights"], straight[0]["weights"])
+    untimed = [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in metrics(resumed_run)]
+    assert untimed == [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in metrics(straight_run)[1:]]
+
+
+def test_filtered_groups_keep_every_process_in_step(tmp_path):
+    # Every group of rank 0 scores the same (its prompts, 0 and 2, start with "Same"), so its whole rollout is left out
+    # of the loss; rank 1's is not. Both still run every forward, backward and collective (FSDP2 would hang
+    # otherwise), the step trains on rank 1's responses alone, and the weights stay identical on both ranks.
+    cfg = group_config(tmp_path / "filtered", batch_size=2, max_steps=2)
+    cfg["model"]["init_args"]["ppo"] |= {"filter_zero_std_groups": True, "group_std_norm": "group"}
+    cfg["model"]["init_args"]["reward"] = {"class_path": "dist_helpers.SameScoreForSamePrompts"}
+    cfg["data"]["init_args"]["prompts"] = ["Same one", "abc", "Same two", "Tell me ", *PROMPTS[4:]]
+    out = run_cli(tmp_path, "filtered", cfg, *two_processes("fsdp2"))
+    rows = metrics(out)
+    assert float(rows[0]["rollout/zero_std_frac"]) == 0.5
+    assert float(rows[0]["rollout/trained_frac"]) == 0.5
+    assert float(rows[0]["policy/updates"]) == 2.0  # two epochs of one minibatch, rank 1's responses in each
+    for step in (1, 2):
+        rank0, rank1 = dumps(out, step)
+        assert_same_weights(rank0["weights"], rank1["weights"])
+    assert not all(torch.equal(dumps(out, 1)[0]["weights"][k], v) for k, v in dumps(out, 2)[0]["weights"].items())

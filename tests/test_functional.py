@@ -358,6 +358,22 @@ def _random_rollout_tensors(seed: int, batch: int = 5, width: int = 9):
     return g, lengths.tolist(), mask, field
 
 
+def test_discounted_returns_hand_worked():
+    # gamma 0.5: row 0 rewards [1, 2, 4] -> [1 + 0.5 * (2 + 0.5 * 4), 2 + 0.5 * 4, 4] = [3, 4, 4];
+    # row 1 [8, 9 (padding)] -> [8, 0]: the padded reward never reaches the real token
+    rewards, mask = _t([1.0, 2.0, 4.0], [8.0, 9.0, 0.0]), _mask([T_, T_, T_], [T_, F_, F_])
+    assert_close(fn.discounted_returns(rewards, mask, 0.5), _t([3.0, 4.0, 4.0], [8.0, 0.0, 0.0]))
+
+
+def test_overlong_penalty_hand_worked():
+    # max 10, buffer 4: no penalty up to 6 tokens, then -penalty * (length - 6) / 4
+    lengths = torch.tensor([3, 6, 7, 9, 10])
+    assert_close(fn.overlong_penalty(lengths, 10, 4, 1.0), _t([0.0, 0.0, -0.25, -0.75, -1.0]))
+    assert_close(fn.overlong_penalty(lengths, 10, 4, 2.0), _t([0.0, 0.0, -0.5, -1.5, -2.0]))
+    with pytest.raises(ValueError, match=r"overlong buffer must be in \[1, max_length=10\], got 11"):
+        fn.overlong_penalty(lengths, 10, 11, 1.0)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_gae_matches_seed_reference_per_sequence(seed: int):
     g, lengths, mask, field = _random_rollout_tensors(seed)
@@ -435,6 +451,21 @@ def test_policy_loss_dual_clip_hand_worked():
     loss.backward()
     # capped and clipped tokens get no gradient; the middle one gets -A r / 3 = 2 / 3
     assert_close(logprobs.grad, _t([[0.0, 2.0 / 3.0, 0.0]]))
+
+
+def test_clip_higher_widens_only_the_upper_side_of_the_clip():
+    # ratio e^0.25 = 1.2840254 and A = 1: symmetric clip 0.2 -> loss -1.2 (clipped); clip_coef_high 0.28 -> -1.28;
+    # ratio e^-0.25 = 0.7788008 and A = -1: the lower side stays 1 - 0.2 = 0.8 -> loss 0.8 either way
+    logprobs, old = _t([[0.25], [-0.25]]), _t([[0.0], [0.0]])
+    advantages, mask = _t([[1.0], [-1.0]]), _mask([[T_], [T_]])
+    symmetric, stats = fn.policy_loss(logprobs, old, advantages, mask, 0.2, aggregation="seq-mean-token-sum")
+    higher, high_stats = fn.policy_loss(logprobs, old, advantages, mask, 0.2, None, "seq-mean-token-sum", 0.28)
+    assert_close(symmetric, torch.tensor((-1.2 + 0.8) / 2))
+    assert_close(higher, torch.tensor((-1.28 + 0.8) / 2))
+    assert_close(stats.clipfrac, torch.tensor(1.0))
+    assert_close(high_stats.clipfrac, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="clip_coef_high must be > 0"):
+        fn.policy_loss(logprobs, old, advantages, mask, 0.2, clip_coef_high=0.0)
 
 
 @pytest.mark.parametrize("dual_clip_coef", [1.0, 0.5, -3.0])
@@ -544,6 +575,29 @@ def test_aggregation_hand_worked_on_rows_of_different_lengths():
     assert_close(loss, torch.tensor(31.0 / 6.0))
 
 
+def test_token_sum_aggregations_hand_worked():
+    per_token = _t([1.0, 2.0, 3.0], [10.0, 99.0, 99.0])
+    mask = _mask([T_, T_, T_], [T_, F_, F_])
+    # seq-mean-token-sum: (6 + 10) / 2 = 8; seq-mean-token-sum-norm with 4: (6 / 4 + 10 / 4) / 2 = 2
+    assert_close(fn.aggregate(per_token, mask, "seq-mean-token-sum"), torch.tensor(8.0))
+    assert_close(fn.aggregate(per_token, mask, "seq-mean-token-sum-norm", norm_length=4), torch.tensor(2.0))
+    zeros = torch.zeros(2, 3)
+    loss, _ = fn.policy_loss(zeros, zeros, -per_token, mask, 0.2, aggregation="seq-mean-token-sum-norm", norm_length=4)
+    assert_close(loss, torch.tensor(2.0))
+    # value loss: squared errors [1, 4, 9], [16]: 0.5 * (14 + 16) / 2 = 7.5, and over 5 per sequence 1.5
+    errors = _t([1.0, 2.0, 3.0], [4.0, 0.0, 0.0])
+    assert_close(fn.value_loss(errors, zeros, zeros, mask, aggregation="seq-mean-token-sum")[0], torch.tensor(7.5))
+    loss, _ = fn.value_loss(errors, zeros, zeros, mask, None, "seq-mean-token-sum-norm", norm_length=5)
+    assert_close(loss, torch.tensor(1.5))
+    # rows without a real token are not in the mean over sequences
+    assert_close(fn.aggregate(per_token, _mask([T_, T_, F_], [F_, F_, F_]), "seq-mean-token-sum"), torch.tensor(3.0))
+
+
+def test_token_sum_norm_needs_its_constant():
+    with pytest.raises(ValueError, match="'seq-mean-token-sum-norm' needs norm_length >= 1, got None"):
+        fn.aggregate(_t([[1.0]]), _mask([[T_]]), "seq-mean-token-sum-norm")
+
+
 def test_seq_mean_token_mean_skips_rows_without_real_tokens():
     per_token = _t([1.0, 2.0], [50.0, 60.0])
     mask = _mask([T_, T_], [F_, F_])
@@ -578,7 +632,11 @@ def _cases() -> dict[str, tuple[dict[str, torch.Tensor], Callable]]:
         ),
         "aggregate": (
             {"x": _per_token(0)},
-            lambda x: (fn.aggregate(x, MASK, "token-mean"), fn.aggregate(x, MASK, "seq-mean-token-mean")),
+            lambda x: tuple(fn.aggregate(x, MASK, mode, norm_length=5) for mode in fn.AGGREGATIONS),
+        ),
+        "discounted_returns": (
+            {"rewards": _per_token(5)},
+            lambda rewards: fn.discounted_returns(rewards, MASK, gamma=0.9),
         ),
         "token_rewards": (
             {"scores": torch.tensor([1.0, -2.0, 0.5]), "kl": _per_token(4)},
@@ -593,6 +651,7 @@ def _cases() -> dict[str, tuple[dict[str, torch.Tensor], Callable]]:
             lambda logprobs, old_logprobs, advantages: (
                 fn.policy_loss(logprobs, old_logprobs, advantages, MASK, clip_coef=0.2),
                 fn.policy_loss(logprobs, old_logprobs, advantages, MASK, 0.2, 3.0, "seq-mean-token-mean"),
+                fn.policy_loss(logprobs, old_logprobs, advantages, MASK, 0.2, None, "seq-mean-token-sum-norm", 0.28, 5),
             ),
         ),
         "value_loss": (
@@ -624,6 +683,7 @@ MASKED_CASES = [
     "aggregate",
     "token_rewards",
     "gae",
+    "discounted_returns",
     "policy_loss",
     "value_loss",
 ]
@@ -758,6 +818,9 @@ def test_ppo_losses_and_logprobs_never_read_a_value_back_to_the_host():
     fn.explained_variance(meta(3, 5), meta(3, 5), mask)
     fn.value_loss(meta(3, 5), meta(3, 5), meta(3, 5), mask, value_clip_coef=0.2)
     for aggregation in fn.AGGREGATIONS:
-        fn.policy_loss(meta(3, 5), meta(3, 5), meta(3, 5), mask, 0.2, dual_clip_coef=3.0, aggregation=aggregation)
+        fn.policy_loss(
+            meta(3, 5), meta(3, 5), meta(3, 5), mask, 0.2, 3.0, aggregation, clip_coef_high=0.28, norm_length=5
+        )
+        fn.value_loss(meta(3, 5), meta(3, 5), meta(3, 5), mask, 0.2, aggregation, norm_length=5)
     fn.logprobs_from_logits(meta(3, 5, 384), meta(3, 5, dtype=torch.long), temperature=0.7)
     fn.entropy_from_logits(meta(3, 5, 384), temperature=0.7)

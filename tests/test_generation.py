@@ -286,3 +286,87 @@ def test_sampling_under_autocast_casts_each_weight_once(tokenizer, prompts, lora
         config = dataclasses.replace(config, cast_weights_once=False)
         assert torch.equal(sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False), expected)
     assert off.casts[q_proj] == config.max_new_tokens  # generation.cast_weights_once: false keeps the per-step casts
+
+
+# ------------------------------------------------------------------------------------------ several samples per prompt
+def group_keys(seed: int, prompts: int, n: int) -> torch.Tensor:
+    """Keys of n samples of each prompt, in the engines' row order (prompt b's samples at b * n .. b * n + n - 1)."""
+    return response_keys(seed, 0, torch.arange(prompts).repeat_interleave(n), torch.arange(n).repeat(prompts))
+
+
+def count_forwards(model):
+    """(rows of each forward of the causal LM, the hook's handle)."""
+    rows: list[tuple[int, int]] = []
+    hook = model.lm.get_base_model().register_forward_pre_hook(
+        lambda m, a, kw: rows.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    return rows, hook
+
+
+@pytest.mark.parametrize("engine", ["cached", "hf"])
+def test_n_samples_per_prompt_are_the_prompt_repeated_n_times(tokenizer, prompts, engine):
+    # Row b * n + s is sample s of prompt b, drawn from its own key: the same tokens as sampling the repeated prompts
+    # one response each with those keys, and the samples of one prompt differ.
+    model = build(tokenizer)
+    stops = list(range(100, 200))
+    n, keys = 3, group_keys(5, 5, 3)
+    grouped = sample(engine, model, prompts, stops, keys=keys, samples_per_prompt=n)
+    repeated = tuple(t.repeat_interleave(n, dim=0) for t in prompts)
+    assert_same_responses(grouped, sample(engine, model, repeated, stops, keys=keys))
+    tokens = grouped[0]
+    assert tokens.shape[0] == 15
+    for b in range(5):
+        assert len({tuple(tokens[b * n + s].tolist()) for s in range(n)}) > 1
+
+
+def test_the_cached_engine_prefills_each_prompt_once_for_all_its_samples(tokenizer, prompts):
+    model = build(tokenizer)
+    rows, hook = count_forwards(model)
+    try:
+        sample("cached", model, prompts, [NEVER], keys=group_keys(0, 5, 4), samples_per_prompt=4)
+    finally:
+        hook.remove()
+    prompt_len = prompts[0].shape[1]
+    assert rows[0] == (5, prompt_len)  # one prefill of the 5 prompts, not of 20 rows
+    assert all(shape == (20, 1) for shape in rows[1:])  # then every step decodes the 20 samples
+
+
+def test_a_cache_that_cannot_be_repeated_prefills_every_sample(tokenizer, prompts, monkeypatch):
+    # A cache layer without batch_repeat_interleave (e.g. a linear-attention state): the prompt is prefilled once per
+    # sample instead, and the samples are the same.
+    from lightning_rlhf.models import engines
+
+    class NoRepeat(engines._PreallocatedLayer):
+        @property
+        def batch_repeat_interleave(self):
+            raise AttributeError("batch_repeat_interleave")
+
+    real = engines._kv_cache
+
+    def no_repeat_cache(config, max_len):
+        cache = real(config, max_len)
+        cache.layers = [NoRepeat(max_len) for _ in cache.layers]
+        return cache
+
+    model = build(tokenizer)
+    keys = group_keys(3, 5, 2)
+    reused = sample("cached", model, prompts, [NEVER], keys=keys, samples_per_prompt=2)
+    monkeypatch.setattr(engines, "_kv_cache", no_repeat_cache)
+    rows, hook = count_forwards(model)
+    try:
+        repeated = sample("cached", model, prompts, [NEVER], keys=keys, samples_per_prompt=2)
+    finally:
+        hook.remove()
+    assert rows[0][0] == 10
+    assert_same_responses(repeated, reused)
+
+
+def test_generation_chunks_keep_each_prompts_samples_together(tokenizer, prompts):
+    model = build(tokenizer)
+    config = GenerationConfig(max_new_tokens=6, samples_per_prompt=2)
+    keys = group_keys(2, 5, 2)
+    whole = sample_responses(model, *prompts, config, [NEVER], PAD, False, keys)
+    chunked = sample_responses(model, *prompts, dataclasses.replace(config, batch_size=2), [NEVER], PAD, False, keys)
+    assert torch.equal(whole, chunked)
+    with pytest.raises(ValueError, match=r"sample_keys must be \(10,\), one per response \(5 prompts x"):
+        sample_responses(model, *prompts, config, [NEVER], PAD, False, keys[:5])

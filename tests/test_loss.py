@@ -116,15 +116,80 @@ def test_micro_batch_weights_are_exact_float32_shares_whatever_the_default_dtype
 
     from lightning_rlhf.loss import micro_batch_weight
 
-    minibatch = _rollout(9)  # row b has 1 + b % 4 real tokens: 21 in all
+    minibatch = dataclasses.replace(_rollout(9), loss_mask=None)  # row b has 1 + b % 4 real tokens: 21 in all
     part = minibatch.select(torch.tensor([0, 1, 2]))  # 1 + 2 + 3 = 6 tokens, 3 rows
     previous = torch.get_default_dtype()
     torch.set_default_dtype(default_dtype)
     try:
-        by_rows = micro_batch_weight(part, 9, torch.tensor(21.0, dtype=torch.float64), "seq-mean-token-mean")
-        by_tokens = micro_batch_weight(part, 9, torch.tensor(21.0, dtype=torch.float64), "token-mean")
+        by_rows = micro_batch_weight(part, torch.tensor(9.0, dtype=torch.float64), "seq-mean-token-mean")
+        by_tokens = micro_batch_weight(part, torch.tensor(21.0, dtype=torch.float64), "token-mean")
     finally:
         torch.set_default_dtype(previous)
     assert by_rows.dtype == by_tokens.dtype == torch.float32
     assert by_rows.item() == torch.tensor(1 / 3, dtype=torch.float32).item()
     assert by_tokens.item() == torch.tensor(6 / 21, dtype=torch.float32).item()
+
+
+def test_the_kl_term_of_the_loss_is_the_aggregated_kl_to_the_reference(scored):
+    # kl_placement loss: kl_coef times the k3 KL of the *current* policy to the reference, aggregated like the rest,
+    # with its gradient (GRPO's form).
+    model, r = scored
+    ppo = PPOConfig(kl_placement="loss", kl_estimator="k3", aggregation="seq-mean-token-mean")
+    terms = ppo_objective(model, r, ppo, TEMPERATURE, kl_coef=0.4)
+    out = rescore(model, r, temperature=TEMPERATURE)
+    kl = F.aggregate(F.kl_penalty(out.logprobs, r.ref_logprobs, "k3"), r.response_mask, "seq-mean-token-mean")
+    torch.testing.assert_close(terms.kl_loss, kl)
+    torch.testing.assert_close(terms.loss.detach(), terms.policy_loss + ppo.vf_coef * terms.value_loss + 0.4 * kl)
+    assert float(kl) > 0  # the changed adapter is away from the reference
+    without = ppo_objective(model, r, PPOConfig(aggregation="seq-mean-token-mean"), TEMPERATURE, kl_coef=0.4)
+    assert without.kl_loss is None
+    torch.testing.assert_close(without.loss.detach(), terms.loss.detach() - 0.4 * kl)
+
+
+def test_the_loss_reads_only_the_responses_the_loss_mask_keeps(scored):
+    model, r = scored
+    keep = torch.tensor([True, False, True])
+    masked = ppo_objective(model, dataclasses.replace(r, loss_mask=keep), PPOConfig(), TEMPERATURE)
+    # the same as the objective of rows 0 and 2 alone (trim_padding and the forward see the same columns)
+    alone = ppo_objective(model, r.select(torch.tensor([0, 2])), PPOConfig(), TEMPERATURE)
+    torch.testing.assert_close(masked.loss, alone.loss)
+    assert int(masked.tokens) == int(r.response_mask[keep].sum())
+
+
+def test_micro_batch_weights_count_only_the_trained_responses():
+    from test_types import _rollout
+
+    from lightning_rlhf.loss import loss_units, micro_batch_weight
+
+    minibatch = _rollout(9)  # row b: 1 + b % 4 real tokens; loss_mask keeps b % 3 != 0: rows 1, 2, 4, 5, 7, 8
+    part = minibatch.select(torch.tensor([0, 1, 2]))  # trained: rows 1 (2 tokens) and 2 (3 tokens)
+    # tokens of the kept rows: 2 + 3 + 1 + 2 + 4 + 1 = 13; rows: 6
+    assert int(loss_units(minibatch, "token-mean")) == 13
+    assert int(loss_units(minibatch, "seq-mean-token-sum")) == 6
+    assert micro_batch_weight(part, loss_units(minibatch, "token-mean"), "token-mean").item() == pytest.approx(5 / 13)
+    units = loss_units(minibatch, "seq-mean-token-sum-norm")
+    assert micro_batch_weight(part, units, "seq-mean-token-sum-norm").item() == pytest.approx(2 / 6)
+
+
+def test_a_critic_free_objective_has_no_value_term(tokenizer):
+    from test_rollout import TINY
+
+    from lightning_rlhf.models import LoraConfig, build_policy
+    from lightning_rlhf.rollout import GenerationConfig, generate_rollout
+
+    torch.manual_seed(0)
+    model = build_policy(PolicyConfig(tiny=TINY), LoraConfig(), tokenizer, value_head=False)
+    enc = tokenizer(["the quick", "ab"], add_special_tokens=False, padding=True, return_tensors="pt")
+    r = generate_rollout(
+        model,
+        enc.input_ids,
+        enc.attention_mask.bool(),
+        GenerationConfig(max_new_tokens=4, samples_per_prompt=2),
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    r = dataclasses.replace(r, advantages=torch.ones(r.response_mask.shape))
+    terms = ppo_objective(model, r, PPOConfig(advantage_estimator="grpo", vf_coef=5.0), 1.0)
+    assert terms.value_loss is None
+    assert terms.value is None
+    torch.testing.assert_close(terms.loss.detach(), terms.policy_loss)  # ent_coef 0, no KL term

@@ -460,8 +460,8 @@ def test_early_stop_kl_stops_the_remaining_updates():
 class RatioBlowUpPPO(PPOModule):
     """Reports an absurd ratio for every minibatch, as after a policy blow-up."""
 
-    def _accumulate_gradients(self, minibatch, stats):
-        minibatch_stats, total_norm = super()._accumulate_gradients(minibatch, stats)
+    def _accumulate_gradients(self, minibatch, units, stats):
+        minibatch_stats, total_norm = super()._accumulate_gradients(minibatch, units, stats)
         return {**minibatch_stats, "policy/ratio_mean": 100.0}, total_norm
 
 

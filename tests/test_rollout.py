@@ -282,3 +282,28 @@ def test_micro_batches_are_cut_from_rows_of_similar_length(tokenizer, prompts):
     full = rescore(model, r)
     torch.testing.assert_close(r.old_logprobs, full.logprobs)
     torch.testing.assert_close(r.ref_logprobs, rescore(model, r, mode="ref").logprobs)
+
+
+def test_a_rollout_of_n_samples_per_prompt_repeats_each_prompt_for_its_group(tokenizer, prompts):
+    model = build(tokenizer)
+    r = rollout(model, prompts, micro_batch_size=4, samples_per_prompt=3)
+    assert len(r) == 9
+    assert r.group_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(r.prompt_ids, prompts[0].repeat_interleave(3, dim=0))
+    assert torch.equal(r.prompt_mask, prompts[1].repeat_interleave(3, dim=0))
+    # every response is scored with its own prompt (micro-batches of 4 cut across groups)
+    policy, ref = rescore(model, r), rescore(model, r, mode="ref")
+    torch.testing.assert_close(r.old_logprobs, policy.logprobs)
+    torch.testing.assert_close(r.old_values, policy.values)
+    torch.testing.assert_close(r.ref_logprobs, ref.logprobs)
+
+
+def test_a_policy_without_a_value_head_gives_a_rollout_without_values(tokenizer, prompts):
+    torch.manual_seed(0)
+    model = build_policy(PolicyConfig(tiny=TINY), LoraConfig(), tokenizer, value_head=False)
+    assert model.value_head is None
+    assert not any("value_head" in name for name, _ in model.named_parameters())
+    r = rollout(model, prompts, samples_per_prompt=2)
+    assert r.old_values is None
+    torch.testing.assert_close(r.old_logprobs, rescore(model, r).logprobs)
+    assert rescore(model, r).values is None

@@ -24,6 +24,8 @@ def _rollout(batch: int = B) -> Rollout:
         ref_logprobs=-rows[:, None].float() - 0.1 * torch.arange(T),
         old_values=rows[:, None].float().expand(batch, T) * 10,
         ended=rows % 2 == 0,
+        group_index=rows // 2,
+        loss_mask=rows % 3 != 0,
         scores=rows.float(),
         advantages=rows[:, None].float().expand(batch, T) / 7,
     )
@@ -171,3 +173,11 @@ def test_text_mask_drops_the_stop_token_of_ended_responses_only():
         expected[b, b % T] = False
     assert torch.equal(rollout.text_mask(), expected)
     assert torch.equal(rollout.text_mask()[1], rollout.response_mask[1])  # truncated: its last token is text
+
+
+def test_trained_mask_is_the_response_mask_of_the_rows_loss_mask_keeps():
+    rollout = _rollout()  # loss_mask: b % 3 != 0 keeps rows 1, 2, 4, 5, 7
+    expected = rollout.response_mask.clone()
+    expected[[0, 3, 6]] = False
+    assert torch.equal(rollout.trained_mask, expected)
+    assert torch.equal(dataclasses.replace(rollout, loss_mask=None).trained_mask, rollout.response_mask)

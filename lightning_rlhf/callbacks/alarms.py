@@ -248,8 +248,8 @@ class ExplainedVarianceAlarm(Alarm):
         self.warmup_steps = warmup_steps
 
     def on_rollout_end(self, trainer, pl_module, rollout, samples) -> None:
-        if trainer.global_step < self.warmup_steps or rollout.returns is None:
-            return
+        if trainer.global_step < self.warmup_steps or rollout.returns is None or rollout.old_values is None:
+            return  # no critic (a critic-free estimator): nothing to explain
         explained = explained_variance(rollout.returns, rollout.old_values, rollout.response_mask, _reduce_sum(trainer))
         self._check(
             trainer,

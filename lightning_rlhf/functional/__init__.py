@@ -1,6 +1,8 @@
 """Pure tensor math of RLHF with PPO: no Lightning import, no in-place writes to inputs, no logging, no ``backward``.
 
-- :mod:`~lightning_rlhf.functional.ppo`: KL penalty, per-token rewards, GAE, the clipped policy loss, the value loss.
+- :mod:`~lightning_rlhf.functional.ppo`: KL penalty, per-token rewards, GAE and discounted returns, the over-long
+  penalty, the clipped policy loss, the value loss, the loss aggregations.
+- :mod:`~lightning_rlhf.functional.advantages`: critic-free group baselines (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 - :mod:`~lightning_rlhf.functional.stats`: masked sums, means, variances, whitening, explained variance.
 - :mod:`~lightning_rlhf.functional.logprobs`: float32, chunked log-probabilities and entropies of the logits.
 - :mod:`~lightning_rlhf.functional.supervised`: the SFT and Bradley-Terry losses of the earlier stages.
@@ -10,6 +12,17 @@
 Every public name is re-exported here, so ``from lightning_rlhf import functional as F; F.gae(...)`` keeps working.
 """
 
+from lightning_rlhf.functional.advantages import (
+    GROUP_STD_EPS,
+    GROUP_STD_NORMS,
+    GroupStdNorm,
+    broadcast_to_tokens,
+    group_mean,
+    group_std,
+    grpo_advantages,
+    rloo_advantages,
+    zero_std_groups,
+)
 from lightning_rlhf.functional.checks import check_choice, check_mask, check_same_shape
 from lightning_rlhf.functional.logprobs import (
     LOGSOFTMAX_CHUNK_ELEMENTS,
@@ -22,12 +35,15 @@ from lightning_rlhf.functional.ppo import (
     K3_CLAMP,
     K3_LOG_RATIO_CLAMP,
     KL_ESTIMATORS,
+    SEQUENCE_AGGREGATIONS,
     Aggregation,
     KLEstimator,
     aggregate,
+    discounted_returns,
     gae,
     kl_penalty,
     last_token_index,
+    overlong_penalty,
     policy_loss,
     token_rewards,
     value_loss,
@@ -53,23 +69,32 @@ from lightning_rlhf.functional.supervised import (
 
 __all__ = [
     "AGGREGATIONS",
+    "GROUP_STD_EPS",
+    "GROUP_STD_NORMS",
     "K3_CLAMP",
     "K3_LOG_RATIO_CLAMP",
     "KEY_BITS",
     "KL_ESTIMATORS",
     "LOGSOFTMAX_CHUNK_ELEMENTS",
+    "SEQUENCE_AGGREGATIONS",
     "WHITEN_EPS",
     "Aggregation",
+    "GroupStdNorm",
     "KLEstimator",
     "aggregate",
     "bradley_terry_loss",
+    "broadcast_to_tokens",
     "check_choice",
     "check_mask",
     "check_same_shape",
+    "discounted_returns",
     "draw_tokens",
     "entropy_from_logits",
     "explained_variance",
     "gae",
+    "group_mean",
+    "group_std",
+    "grpo_advantages",
     "kl_penalty",
     "last_token_index",
     "logprobs_from_logits",
@@ -79,9 +104,11 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "moment_sums",
+    "overlong_penalty",
     "policy_loss",
     "response_keys",
     "response_uniforms",
+    "rloo_advantages",
     "row_chunks",
     "sft_loss",
     "sft_loss_from_terms",
@@ -90,4 +117,5 @@ __all__ = [
     "sft_token_terms",
     "token_rewards",
     "value_loss",
+    "zero_std_groups",
 ]

@@ -13,9 +13,13 @@ Where this departs from, or chooses between, the references:
   tokens whose unclipped term is active.
 - **Value loss.** ``0.5 * max((V - R)^2, (V_clip - R)^2)`` when clipped (PPO2 / TRL / cleanrl), plain
   ``0.5 * (V - R)^2`` otherwise (the textbook reference's ``value_loss``).
-- **Aggregation.** ``token-mean``: mean over every real token of the batch (PPO2, cleanrl, verl's default).
-  ``seq-mean-token-mean``: mean over tokens in each sequence, then mean over sequences (verl; weights short and
-  long responses equally).
+- **Aggregation** (verl's ``agg_loss`` names). ``token-mean``: mean over every real token of the batch (PPO2, cleanrl,
+  verl's default, DAPO). ``seq-mean-token-mean``: mean over tokens in each sequence, then over sequences (GRPO as
+  published; weights short and long responses equally). ``seq-mean-token-sum``: each sequence's token sum, mean over
+  sequences. ``seq-mean-token-sum-norm``: each sequence's token sum divided by a constant ``norm_length`` (the longest
+  response, ``generation.max_new_tokens``), mean over sequences (Dr. GRPO, Liu et al. 2025: no length normalisation);
+  verl divides the sum over sequences by the constant and leaves the mean over sequences to its micro-batch scaling.
+  Sequences without a real token are left out of every sequence mean.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ import torch
 from torch import Tensor
 
 from lightning_rlhf.functional.checks import check_choice, check_mask, check_same_shape
-from lightning_rlhf.functional.stats import explained_variance, masked_mean
+from lightning_rlhf.functional.stats import explained_variance, masked_mean, masked_sum
 from lightning_rlhf.types import PolicyLossStats, ValueLossStats
 
 KLEstimator = Literal["k1", "k2", "k3"]
-Aggregation = Literal["token-mean", "seq-mean-token-mean"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
-AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
+AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+SEQUENCE_AGGREGATIONS: tuple[str, ...] = AGGREGATIONS[1:]
+"""The aggregations that average over sequences (every one but ``token-mean``)."""
 K3_LOG_RATIO_CLAMP = 20.0
 """``kl_penalty("k3")`` clamps the log-ratio to [-20, 20] before ``exp`` (verl ``low_var_kl``): below about -88 the
 float32 ``exp`` overflows to inf."""
@@ -144,17 +150,56 @@ def gae(
     return advantages, returns
 
 
-def aggregate(loss_per_token: Tensor, response_mask: Tensor, aggregation: Aggregation = "token-mean") -> Tensor:
-    """Reduce a (B, T) per-token loss to a scalar over real tokens.
+def discounted_returns(rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
+    """(B, T) float32 discounted returns ``G_t = r_t + gamma * G_{t+1}`` over each response's real tokens, 0 after
+    them: REINFORCE++'s token returns (Hu 2025, eq. 4; verl ``compute_reinforce_plus_plus_outcome_advantage``).
 
-    ``token-mean`` averages over every real token of the batch; ``seq-mean-token-mean`` averages each sequence's tokens,
-    then the sequences that have any real token.
+    The same recursion as :func:`gae` with no critic and ``gae_lambda = 1`` (every ``V`` 0), which computes it.
+    """
+    return gae(rewards, torch.zeros_like(rewards, dtype=torch.float32), response_mask, gamma, 1.0)[0]
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, penalty: float) -> Tensor:
+    """(B,) float32 soft over-long punishment of DAPO (Yu et al. 2025, eq. 13), added to the score.
+
+    0 for a response of at most ``max_length - buffer`` tokens, then falling linearly to ``-penalty`` at
+    ``max_length``: ``-penalty * (length - (max_length - buffer)) / buffer`` (verl's ``overlong_buffer``,
+    ``penalty_factor``). Responses are never longer than ``max_length`` here (``generation.max_new_tokens``).
+
+    Args:
+        lengths: (B,) response lengths in tokens (the stop token included).
+        max_length: the longest possible response.
+        buffer: the last ``buffer`` tokens before ``max_length`` in which the penalty grows, 1 <= buffer <= max_length.
+        penalty: the penalty at ``max_length``, >= 0.
+    """
+    if not 1 <= buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in [1, max_length={max_length}], got {buffer}.")
+    exceed = (lengths.float() - (max_length - buffer)).clamp(min=0.0)
+    return -penalty * exceed / buffer
+
+
+def aggregate(
+    loss_per_token: Tensor,
+    response_mask: Tensor,
+    aggregation: Aggregation = "token-mean",
+    norm_length: int | None = None,
+) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar over real tokens (see the module docstring for each aggregation).
+
+    ``norm_length`` is the constant of ``seq-mean-token-sum-norm`` (required there, ignored otherwise).
     """
     check_choice(aggregation, AGGREGATIONS, "aggregation")
     if aggregation == "token-mean":
         return masked_mean(loss_per_token, response_mask)
-    per_seq = masked_mean(loss_per_token, response_mask, dim=-1)
-    return masked_mean(per_seq, response_mask.any(dim=-1))
+    has_tokens = response_mask.any(dim=-1)
+    if aggregation == "seq-mean-token-mean":
+        return masked_mean(masked_mean(loss_per_token, response_mask, dim=-1), has_tokens)
+    per_seq = masked_sum(loss_per_token, response_mask, dim=-1)
+    if aggregation == "seq-mean-token-sum-norm":
+        if norm_length is None or norm_length < 1:
+            raise ValueError(f"aggregation 'seq-mean-token-sum-norm' needs norm_length >= 1, got {norm_length}.")
+        per_seq = per_seq / norm_length
+    return masked_mean(per_seq, has_tokens)
 
 
 def policy_loss(
@@ -165,11 +210,15 @@ def policy_loss(
     clip_coef: float,
     dual_clip_coef: float | None = None,
     aggregation: Aggregation = "token-mean",
+    clip_coef_high: float | None = None,
+    norm_length: int | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), negated for minimization.
 
-    Per token, ``max(-A * r, -A * clip(r, 1 - clip_coef, 1 + clip_coef))`` with ``r = exp(logprobs - old_logprobs)``.
-    With ``dual_clip_coef = c > 1`` (Ye et al. 2020), tokens with ``A < 0`` are further capped at ``-A * c`` so a huge
+    Per token, ``max(-A * r, -A * clip(r, 1 - clip_coef, 1 + clip_coef_high))`` with
+    ``r = exp(logprobs - old_logprobs)``; ``clip_coef_high`` None is ``clip_coef`` (the symmetric clip), a larger one
+    is DAPO's clip-higher (Yu et al. 2025, eq. 10: more room for raising unlikely tokens). With
+    ``dual_clip_coef = c > 1`` (Ye et al. 2020), tokens with ``A < 0`` are further capped at ``-A * c`` so a huge
     ratio on a bad action cannot dominate the batch.
 
     Args:
@@ -179,7 +228,9 @@ def policy_loss(
         response_mask: (B, T) bool, True for real response tokens.
         clip_coef: epsilon of the clip.
         dual_clip_coef: c of the dual clip, > 1, or None for no dual clip.
-        aggregation: "token-mean" or "seq-mean-token-mean".
+        aggregation: one of :data:`AGGREGATIONS` (:func:`aggregate`).
+        clip_coef_high: upper epsilon of the clip, > 0, or None for ``clip_coef``.
+        norm_length: the constant of ``seq-mean-token-sum-norm``.
     Returns:
         (loss, stats): the scalar loss and a :class:`PolicyLossStats` of detached scalars.
     """
@@ -188,18 +239,21 @@ def policy_loss(
     check_choice(aggregation, AGGREGATIONS, "aggregation")
     if dual_clip_coef is not None and not dual_clip_coef > 1.0:
         raise ValueError(f"dual_clip_coef must be > 1 (e.g. 3.0) or None, got {dual_clip_coef}.")
+    if clip_coef_high is not None and not clip_coef_high > 0:
+        raise ValueError(f"clip_coef_high must be > 0 (e.g. 0.28) or None, got {clip_coef_high}.")
     # Masked-out log-ratios are set to 0 so a NaN/inf there cannot reach the gradient (0 * exp(NaN) = NaN).
     log_ratio = torch.where(response_mask, logprobs.float() - old_logprobs.float(), 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)
+    high = clip_coef if clip_coef_high is None else clip_coef_high
+    clipped = -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     dual_capped = torch.zeros_like(response_mask)
     if dual_clip_coef is not None:
         cap = -advantages * dual_clip_coef
         dual_capped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_capped, cap, per_token)
-    loss = aggregate(per_token, response_mask, aggregation)
+    loss = aggregate(per_token, response_mask, aggregation, norm_length)
     with torch.no_grad():
         masked_ratio = torch.where(response_mask, ratio, torch.zeros((), device=ratio.device))
         stats = PolicyLossStats(
@@ -220,6 +274,7 @@ def value_loss(
     response_mask: Tensor,
     value_clip_coef: float | None = None,
     aggregation: Aggregation = "token-mean",
+    norm_length: int | None = None,
 ) -> tuple[Tensor, ValueLossStats]:
     """Value-function loss ``0.5 * (V - R)^2``, optionally clipped around the rollout values (PPO2).
 
@@ -232,7 +287,8 @@ def value_loss(
         returns: (B, T) value targets.
         response_mask: (B, T) bool, True for real response tokens.
         value_clip_coef: clip range, or None for the unclipped loss.
-        aggregation: "token-mean" or "seq-mean-token-mean".
+        aggregation: one of :data:`AGGREGATIONS` (:func:`aggregate`).
+        norm_length: the constant of ``seq-mean-token-sum-norm``.
     Returns:
         (loss, stats): the scalar loss and a :class:`ValueLossStats` of detached scalars.
     """
@@ -250,7 +306,7 @@ def value_loss(
         clipped = (v_clipped - returns.float()).square()
         clip_active = clipped > unclipped
         per_token = torch.maximum(unclipped, clipped)
-    loss = 0.5 * aggregate(per_token, response_mask, aggregation)
+    loss = 0.5 * aggregate(per_token, response_mask, aggregation, norm_length)
     with torch.no_grad():
         stats = ValueLossStats(
             clipfrac=masked_mean(clip_active.float(), response_mask),

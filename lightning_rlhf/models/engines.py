@@ -8,12 +8,15 @@ same signature.
 Two engines ship:
 
 - ``"cached"`` (:func:`cached_decode`, the default): one prefill, then one token per step through the model's KV
-  cache. Rows that emitted a stop token leave the batch, so finished rows cost nothing; the KV cache is preallocated
-  for ``prompt + max_new_tokens`` positions where the model's cache layers allow it (plain attention layers), so a
-  step appends in place instead of copying the whole cache (``DynamicCache`` concatenates the whole cache at every
-  step; benchmarks/README.md has its cost). Needs a model whose forward is not sharded across processes.
+  cache. With several samples per prompt the prefill runs once per prompt and its cache is repeated for the samples
+  (prefix reuse). Rows that emitted a stop token leave the batch, so finished rows cost nothing; the KV cache is
+  preallocated for ``prompt + max_new_tokens`` positions where the model's cache layers allow it (plain attention
+  layers), so a step appends in place instead of copying the whole cache (``DynamicCache`` concatenates the whole
+  cache at every step; benchmarks/README.md has its cost). Needs a model whose forward is not sharded across
+  processes.
 - ``"hf"`` (:func:`hf_generate`): ``transformers`` ``generate`` with explicit neutral settings. Used where every
-  process must run the same number of forwards (FSDP: ``synced_gpus``).
+  process must run the same number of forwards (FSDP: ``synced_gpus``). Several samples per prompt are the prompt
+  repeated (``generate`` prefills every row).
 
 Both sample from ``softmax(logits / temperature)`` truncated by ``top_k`` then ``top_p`` (transformers' warpers, in
 transformers' order), each response with its own random stream (:mod:`lightning_rlhf.functional.random_streams`: the
@@ -56,14 +59,16 @@ class SamplingSettings(Protocol):
     top_k: int
     top_p: float
     do_sample: bool
+    samples_per_prompt: int
 
 
 class Engine(Protocol):
-    """Samples one response per prompt; returns (B, T') long tokens, T' <= ``max_new_tokens``.
+    """Samples ``settings.samples_per_prompt`` (n) responses per prompt; returns (B * n, T') long tokens,
+    T' <= ``max_new_tokens``, row ``b * n + s`` being sample s of prompt b.
 
     Anything after a row's first stop token is ignored by the caller (it may be padding or more tokens). ``keys``
-    (B,) int64 names each response's random stream (:func:`lightning_rlhf.functional.random_streams.response_keys`);
-    greedy decoding ignores it.
+    (B * n,) int64 names each response's random stream, in the rows' order
+    (:func:`lightning_rlhf.functional.random_streams.response_keys`); greedy decoding ignores it.
     """
 
     def __call__(
@@ -95,6 +100,8 @@ def hf_generate(
     own stream and leaves only that token finite, so ``generate``'s argmax picks it.
     """
     config = hf_generation_config(settings, stop_token_ids, pad_token_id)
+    prompt_ids = prompt_ids.repeat_interleave(settings.samples_per_prompt, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(settings.samples_per_prompt, dim=0)
     processors = transformers.LogitsProcessorList()
     if settings.do_sample:
         uniforms = response_uniforms(keys.to(prompt_ids.device), settings.max_new_tokens)
@@ -120,17 +127,23 @@ def cached_decode(
     pad_token_id: int,
     keys: Tensor,
 ) -> Tensor:
-    """Prefill, then one token per step; finished rows leave the batch (see the module docstring)."""
+    """Prefill once per prompt, then one token per step for each of its samples; finished rows leave the batch (see
+    the module docstring)."""
     causal_lm = model.lm.get_base_model() if isinstance(model.lm, peft.PeftModel) else model.lm
-    batch, prompt_len = prompt_ids.shape
+    samples, (prompts, prompt_len) = settings.samples_per_prompt, prompt_ids.shape
+    batch = prompts * samples
     max_new = settings.max_new_tokens
     device = prompt_ids.device
     stops = torch.tensor(stop_token_ids, device=device)
     warpers = _warpers(settings)
-    uniforms = response_uniforms(keys.to(device), max_new) if settings.do_sample else None  # (B, max_new) float64
+    uniforms = response_uniforms(keys.to(device), max_new) if settings.do_sample else None  # (B * n, max_new) float64
     cache = _kv_cache(causal_lm.config, prompt_len + max_new)
     cache_arg = {_cache_argument(causal_lm): cache, "use_cache": True}
-    attention = torch.zeros(batch, prompt_len + max_new, dtype=torch.long, device=device)
+    if samples > 1 and not all(hasattr(layer, "batch_repeat_interleave") for layer in cache.layers):
+        # A cache layer that cannot be repeated (e.g. a linear-attention state): prefill every sample's row instead.
+        prompt_ids, prompt_mask = (t.repeat_interleave(samples, dim=0) for t in (prompt_ids, prompt_mask))
+        prompts, samples = batch, 1
+    attention = torch.zeros(prompts, prompt_len + max_new, dtype=torch.long, device=device)
     attention[:, :prompt_len] = prompt_mask.long()
     # Positions count real tokens only, as in PolicyValueModel's forward: a left-padded row sees the same positions.
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -141,6 +154,9 @@ def cached_decode(
         logits_to_keep=1,
         **cache_arg,
     ).logits[:, -1]
+    if samples > 1:  # the prompt's cache, logits and positions, once for each of its samples (rows b * n + s)
+        cache.batch_repeat_interleave(samples)
+        logits, attention, positions = (t.repeat_interleave(samples, dim=0) for t in (logits, attention, positions))
     next_position = positions[:, -1:] + 1  # (A, 1) for the A rows still in the batch
     rows = torch.arange(batch, device=device)  # original row of each row still in the batch
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -278,6 +294,12 @@ class _PreallocatedLayer(transformers.DynamicLayer):
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.is_initialized:
             self._keys, self._values = self._keys[indices], self._values[indices]
+            self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
             self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
 

@@ -51,7 +51,9 @@ ENTROPY: tuple[str, ...] = ("none", "detached", "grad")
 """``forward_response(entropy=...)``: no entropy, the entropy without a graph (logged only), or with one (a bonus)."""
 
 
-def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedTokenizerBase) -> PolicyValueModel:
+def build_policy(
+    cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedTokenizerBase, value_head: bool = True
+) -> PolicyValueModel:
     """The policy of ``cfg`` (:func:`~lightning_rlhf.models.loading.build_model`) with a value head and a reference.
 
     Args:
@@ -59,6 +61,7 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedToken
         lora: the adapter; ``lora.enabled=False`` selects full fine-tuning with a frozen copy as the reference.
         tokenizer: from :func:`~lightning_rlhf.models.loading.load_tokenizer`; sets the tiny model's vocabulary size and
             special token ids.
+        value_head: build the critic's value head; False for a critic-free estimator (no value head at all).
     Returns:
         A :class:`PolicyValueModel` whose trainable parameters are the adapter (plus ``lora.modules_to_save``) and the
         value head, or every LM weight and the value head with full fine-tuning, all in float32 whatever
@@ -79,10 +82,10 @@ def build_policy(cfg: PolicyConfig, lora: LoraConfig, tokenizer: PreTrainedToken
     )
     check_dropout_off(disable_dropout(lm))
     if lora.enabled:
-        return PolicyValueModel(lm)
+        return PolicyValueModel(lm, value_head=value_head)
     # The frozen reference keeps policy.dtype; the trained copy holds float32 master weights.
     ref_lm = cast_weights(copy.deepcopy(lm).requires_grad_(False), check_dtype(cfg.dtype, "model.policy.dtype"))
-    return PolicyValueModel(lm, ref_lm=ref_lm)
+    return PolicyValueModel(lm, ref_lm=ref_lm, value_head=value_head)
 
 
 @contextlib.contextmanager
@@ -108,10 +111,12 @@ def adapter_disabled(lm: peft.PeftModel) -> Iterator[None]:
 class PolicyValueModel(nn.Module):
     """Policy (LM with adapter), reference (adapter disabled, or a frozen copy) and critic (value head) in one module.
 
-    ``ref_lm`` stays in eval mode whatever ``train()`` is called with: the reference must be deterministic.
+    ``ref_lm`` stays in eval mode whatever ``train()`` is called with: the reference must be deterministic. With
+    ``value_head=False`` (critic-free estimators) there is no critic: ``value_head`` is None and the policy forward
+    returns None for the values.
     """
 
-    def __init__(self, lm: nn.Module, ref_lm: nn.Module | None = None) -> None:
+    def __init__(self, lm: nn.Module, ref_lm: nn.Module | None = None, value_head: bool = True) -> None:
         super().__init__()
         self.lm = lm
         """``peft.PeftModel`` (LoRA) or the plain HF causal LM (full fine-tuning)."""
@@ -120,11 +125,13 @@ class PolicyValueModel(nn.Module):
         if ref_lm is not None:
             ref_lm.requires_grad_(False)
             ref_lm.eval()
-        hidden_size = lm.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        """Critic: final hidden state (after the final norm) -> V(s), float32."""
-        nn.init.normal_(self.value_head.weight, std=VALUE_HEAD_INIT_SCALE / math.sqrt(hidden_size))
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head: nn.Linear | None = None
+        """Critic: final hidden state (after the final norm) -> V(s), float32; None without a critic."""
+        if value_head:
+            hidden_size = lm.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+            nn.init.normal_(self.value_head.weight, std=VALUE_HEAD_INIT_SCALE / math.sqrt(hidden_size))
+            nn.init.zeros_(self.value_head.bias)
 
     @property
     def uses_lora(self) -> bool:
@@ -149,6 +156,7 @@ class PolicyValueModel(nn.Module):
         """(B, S) float32 values V(s) of the policy's final hidden states ``hidden`` (B, S, H): the value head on the
         shared backbone. The other arguments are the forward's, for a critic with a backbone of its own (a subclass).
         """
+        assert self.value_head is not None, "critic_values needs a value head"
         # The head reads the hidden state in its own dtype (float32), and the values leave in float32 for the PPO math.
         return self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
 
@@ -184,9 +192,9 @@ class PolicyValueModel(nn.Module):
             **generate_kwargs: passed to ``generate`` (``mode="generate"`` only).
         Returns:
             ``"policy"``: ``(logits, values)``, (B, S, V) (or (N, V) with ``logits_mask``) in the LM's dtype and
-            (B, S) float32, where S is the slice length (L without a slice). ``"ref"``: the reference logits, (B, S, V)
-            or (N, V). With ``head``, its outputs take the logits' place. ``"generate"``: (B, L + T') long, the
-            prompts followed by the generated tokens.
+            (B, S) float32 (None without a value head), where S is the slice length (L without a slice). ``"ref"``:
+            the reference logits, (B, S, V) or (N, V). With ``head``, its outputs take the logits' place.
+            ``"generate"``: (B, L + T') long, the prompts followed by the generated tokens.
         """
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(repr(m) for m in MODES)}.")
@@ -201,7 +209,9 @@ class PolicyValueModel(nn.Module):
 
         if mode == "policy":
             hidden = final_hidden(unwrap_peft(self.lm), input_ids, attention_mask, logits_slice, packing)
-            values = self.critic_values(hidden, input_ids, attention_mask, logits_slice, packing)
+            values = None
+            if self.value_head is not None:
+                values = self.critic_values(hidden, input_ids, attention_mask, logits_slice, packing)
             return outputs(unwrap_peft(self.lm), hidden), values
         if self.ref_lm is not None:
             return outputs(self.ref_lm, final_hidden(self.ref_lm, input_ids, attention_mask, logits_slice, packing))
@@ -219,7 +229,8 @@ class ResponseForward(NamedTuple):
     logprobs: Tensor
     """(B, T) float32 log-probabilities of the response tokens at the temperature; 0 where the mask is False."""
     values: Tensor | None
-    """(B, T) float32 V(s_t), the value before response token t; 0 where the mask is False. None for ``mode="ref"``."""
+    """(B, T) float32 V(s_t), the value before response token t; 0 where the mask is False. None for ``mode="ref"``
+    and for a model without a value head."""
     entropy: Tensor | None = None
     """(B, T) float32 entropy of the temperature-scaled distribution that predicts each response token; 0 where the
     mask is False. None unless asked for."""
