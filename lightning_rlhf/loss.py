@@ -28,11 +28,15 @@ class PPOObjective(NamedTuple):
     value_loss: Tensor | None
     """None without a critic."""
     entropy: Tensor
-    """Mean entropy of the sampling distribution (``softmax(logits / temperature)``) over the trained tokens."""
+    """Mean entropy of the sampling distribution (``softmax(logits / temperature)``) over the trained tokens, whatever
+    the aggregation (the bonus in ``loss`` is aggregated like the other terms)."""
     kl_loss: Tensor | None
     """The aggregated KL of the current policy to the reference (``ppo.kl_placement: loss``); None otherwise."""
     tokens: Tensor
-    """Trained response tokens in the micro-batch: the weight of its statistics in a token mean."""
+    """Trained response tokens in the micro-batch: the weight of its token statistics in a token mean."""
+    units: Tensor
+    """What the loss terms average over in the micro-batch (:func:`loss_units`): their weight in the minibatch's
+    loss, so the logged loss is the minibatch's whatever the micro-batches or processes."""
     policy: PolicyLossStats
     value: ValueLossStats | None
     """None without a critic."""
@@ -118,7 +122,7 @@ def ppo_objective(
             ppo.aggregation,
             norm_length,
         )
-    entropy = F.aggregate(out.entropy, mask, ppo.aggregation, norm_length)
+    entropy_bonus = F.aggregate(out.entropy, mask, ppo.aggregation, norm_length)
     kl_loss = None
     if ppo.kl_placement == "loss":
         kl = F.kl_penalty(out.logprobs, micro_batch.ref_logprobs, ppo.kl_estimator)
@@ -128,16 +132,17 @@ def ppo_objective(
     if value_loss is not None:
         loss = loss + ppo.vf_coef * value_loss
     if train_policy:
-        loss = loss - ppo.ent_coef * entropy
+        loss = loss - ppo.ent_coef * entropy_bonus
         if kl_loss is not None:
             loss = loss + kl_coef * kl_loss
     return PPOObjective(
         loss=loss,
         policy_loss=policy_loss.detach(),
         value_loss=None if value_loss is None else value_loss.detach(),
-        entropy=entropy.detach(),
+        entropy=F.aggregate(out.entropy.detach(), mask, "token-mean"),
         kl_loss=None if kl_loss is None else kl_loss.detach(),
         tokens=mask.sum(),
+        units=loss_units(micro_batch, ppo.aggregation),
         policy=policy_stats,
         value=value_stats,
     )

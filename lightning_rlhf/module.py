@@ -555,14 +555,14 @@ class PPOModule(LightningModule):
             norm_length=self.generation.max_new_tokens,
             train_policy=not self._critic_warmup,
         )
-        n = terms.tokens
+        n, units = terms.tokens, terms.units  # token statistics are token means; the loss terms, the loss's own mean
         for record in (stats, minibatch_stats):
-            record.add("loss/policy", terms.policy_loss * n, n)
+            record.add("loss/policy", terms.policy_loss * units, units)
             if terms.value_loss is not None:
-                record.add("loss/value", terms.value_loss * n, n)
+                record.add("loss/value", terms.value_loss * units, units)
             if terms.kl_loss is not None:
-                record.add("loss/kl", terms.kl_loss * n, n)
-            record.add("loss/total", terms.loss.detach() * n, n)
+                record.add("loss/kl", terms.kl_loss * units, units)
+            record.add("loss/total", terms.loss.detach() * units, units)
             record.add("policy/entropy", terms.entropy * n, n)
             record.add("policy/approx_kl", terms.policy.approx_kl * n, n)
             record.add("policy/clipfrac", terms.policy.clipfrac * n, n)

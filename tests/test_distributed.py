@@ -275,12 +275,13 @@ def group_config(out_dir: Path, batch_size: int, max_steps: int, ckpt_dir: Path 
 def group_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("groups")
     out = {"single": run_cli(tmp, "single", group_config(tmp / "single", batch_size=4, max_steps=2))}
-    for name, strategy in (("ddp", "ddp_rlhf"), ("fsdp2", "fsdp2")):
-        cfg = group_config(tmp / name, batch_size=2, max_steps=3, ckpt_dir=tmp / f"{name}_ckpt")
-        out[name] = run_cli(tmp, name, cfg, *two_processes(strategy))
-        ckpt = next((tmp / f"{name}_ckpt").glob("*step=1.ckpt"))
-        cfg = group_config(tmp / f"{name}_resumed", batch_size=2, max_steps=3)
-        out[f"{name}_resumed"] = run_cli(tmp, f"{name}_resumed", cfg, *two_processes(strategy), f"--ckpt_path={ckpt}")
+    out["ddp"] = run_cli(tmp, "ddp", group_config(tmp / "ddp", batch_size=2, max_steps=2), *two_processes("ddp_rlhf"))
+    # The grouped resume under FSDP2 only: DDP's resume is the same code (test_resume_mid_epoch_continues_exactly).
+    cfg = group_config(tmp / "fsdp2", batch_size=2, max_steps=3, ckpt_dir=tmp / "fsdp2_ckpt")
+    out["fsdp2"] = run_cli(tmp, "fsdp2", cfg, *two_processes("fsdp2"))
+    ckpt = next((tmp / "fsdp2_ckpt").glob("*step=1.ckpt"))
+    cfg = group_config(tmp / "fsdp2_resumed", batch_size=2, max_steps=3)
+    out["fsdp2_resumed"] = run_cli(tmp, "fsdp2_resumed", cfg, *two_processes("fsdp2"), f"--ckpt_path={ckpt}")
     return out
 
 
@@ -298,7 +299,7 @@ def test_each_process_samples_whole_groups_and_reaches_the_one_process_weights(g
         assert ddp[1]["responses"] == by_prompt[1] + by_prompt[3]
         assert_same_weights(single["weights"], ddp[0]["weights"])
         assert not any("value_head" in name for name in single["weights"])  # GRPO: no critic
-    for a, b in zip(metrics(group_runs["single"]), metrics(group_runs["ddp"])[:2], strict=True):
+    for a, b in zip(metrics(group_runs["single"]), metrics(group_runs["ddp"]), strict=True):
         for key in GROUP_METRICS:
             torch.testing.assert_close(torch.tensor(float(a[key])), torch.tensor(float(b[key])), msg=key)
 
@@ -310,9 +311,8 @@ def test_fsdp2_matches_ddp_with_groups(group_runs):
         assert_same_weights(fsdp[0]["weights"], dumps(group_runs["ddp"], step)[0]["weights"])
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_a_grouped_run_resumes_exactly(group_runs, strategy):
-    straight_run, resumed_run = group_runs[strategy], group_runs[f"{strategy}_resumed"]
+def test_a_grouped_run_resumes_exactly(group_runs):
+    straight_run, resumed_run = group_runs["fsdp2"], group_runs["fsdp2_resumed"]
     for step in (2, 3):
         resumed, straight = dumps(resumed_run, step), dumps(straight_run, step)
         for rank in (0, 1):

@@ -231,7 +231,8 @@ def test_mask_truncated_trains_only_on_responses_that_ended():
 @pytest.mark.parametrize(("estimator", "mask_truncated"), [("gae", True), ("grpo", False), ("grpo", True)])
 def test_micro_batches_accumulate_to_the_minibatch_gradient(aggregation, estimator, mask_truncated):
     # Every aggregation, with and without responses left out of the loss: the weighted micro-batch gradients add up
-    # to the minibatch's, so the weights after an update do not depend on micro_batch_size.
+    # to the minibatch's, so the weights after an update do not depend on micro_batch_size; nor does the logged loss
+    # (each micro-batch's terms weigh what they average over, not its tokens) or the logged entropy (a token mean).
     def run(micro):
         seed_everything(0, verbose=False)
         module = make_module(
@@ -243,12 +244,14 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(aggregation, estimat
             num_minibatches=1,
             micro_batch_size=micro,
         )
-        fit(module, batch_size=4)
-        return snapshot(module)
+        logged = fit(module, batch_size=4).logged_metrics
+        return snapshot(module), {key: logged[key] for key in ("loss/policy", "loss/total", "policy/entropy")}
 
-    whole, split = run(None), run(2)
+    (whole, whole_logged), (split, split_logged) = run(None), run(2)
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], msg=name)
+    for key, value in whole_logged.items():
+        torch.testing.assert_close(split_logged[key], value, msg=key)
 
 
 # ---------------------------------------------------------------------------------------------- reward shaping

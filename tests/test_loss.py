@@ -11,7 +11,7 @@ from test_rollout import build, rescore, rollout
 from lightning_rlhf import functional as F
 from lightning_rlhf.config import PPOConfig
 from lightning_rlhf.loss import ppo_objective
-from lightning_rlhf.models import PolicyConfig, load_tokenizer
+from lightning_rlhf.models import PolicyConfig, forward_response, load_tokenizer
 
 TEMPERATURE = 0.7  # test_rollout.rollout samples at this temperature
 
@@ -58,6 +58,27 @@ def test_ppo_objective_is_policy_plus_weighted_value_minus_weighted_entropy(scor
     torch.testing.assert_close(terms.value.clipfrac, vf_stats.clipfrac)
     assert int(terms.tokens) == int(mask.sum())
     assert 0 < float(terms.policy.clipfrac) < 1  # the changed adapter moved some ratios past the clip, not all
+
+
+def test_the_entropy_bonus_is_aggregated_like_the_loss_and_the_logged_entropy_is_a_token_mean(scored):
+    # Rows of 2, 4 and 6 tokens weigh differently in a sequence mean than in a token mean; a low temperature makes
+    # the tiny model's entropies differ from token to token, so the two means differ here.
+    model, r = scored
+    r = dataclasses.replace(r, response_mask=torch.arange(6) < torch.tensor([[2], [4], [6]]))
+    ppo = PPOConfig(ent_coef=0.05, aggregation="seq-mean-token-mean")
+    terms = ppo_objective(model, r, ppo, 0.05)
+    no_bonus = ppo_objective(model, r, dataclasses.replace(ppo, ent_coef=0.0), 0.05)
+    with torch.no_grad():
+        out = forward_response(
+            model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, 0.05, entropy="detached"
+        )
+    mask = r.response_mask
+    token_entropy = F.masked_mean(out.entropy, mask)
+    torch.testing.assert_close(terms.entropy, token_entropy)
+    bonus = F.aggregate(out.entropy, mask, "seq-mean-token-mean")
+    assert not torch.allclose(bonus, token_entropy)
+    torch.testing.assert_close(no_bonus.loss.detach() - terms.loss.detach(), 0.05 * bonus)
+    assert int(terms.units) == len(mask)  # a sequence mean averages over the responses
 
 
 def test_ppo_objective_gradient_reaches_the_adapter_and_value_head_and_carries_the_entropy_bonus(scored):
