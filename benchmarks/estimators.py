@@ -21,13 +21,13 @@ import tempfile
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from ppo_iteration import make_prompts
+from ppo_iteration import BenchPPOModule, make_prompts
 from presets import add_model_arguments, policy_config, save_random_model
 
 from lightning_rlhf.config import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.models import LoraConfig
-from lightning_rlhf.module import PPOConfig, PPOModule
+from lightning_rlhf.module import PPOConfig
 from lightning_rlhf.rewards import CharFractionReward
 from lightning_rlhf.rollout import GenerationConfig
 
@@ -66,7 +66,7 @@ class IterationTimes(Callback):
 def run_one(args: argparse.Namespace, model_dir: str) -> dict:
     seed_everything(args.seed, verbose=False)
     estimator = args.one
-    module = PPOModule(
+    module = BenchPPOModule(  # the package's PPOModule, decoding a preset's ids past the byte tokenizer
         policy=policy_config(args, model_dir),
         lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
         generation=GenerationConfig(

@@ -216,3 +216,31 @@ def test_profile_phases_profiles_the_update_of_the_second_iteration():
     update = text[update:]
     assert "aten::mm" in update  # the update's matmuls were recorded
     assert "Optimizer.step#AdamW.step" in update
+
+
+def test_group_sampling_benchmark_samples_the_same_tokens_with_and_without_prefix_reuse():
+    out = run_script(
+        "group_sampling.py",
+        *("--preset", "qwen2-tiny", "--batch", "2", "--samples-per-prompt", "3", "--prompt-len", "6"),
+        *("--max-new-tokens", "3", "--repeats", "1"),
+    )
+    assert out["config"]["samples_per_prompt"] == 3
+    assert out["same_tokens"] is True
+    assert set(out["seconds_median"]) == {"prefix_reuse", "repeated_prompts", "hf"}
+    assert out["speedup_vs_repeated_prompts"]["repeated_prompts"] == 1.0
+
+
+def test_estimators_benchmark_builds_the_value_head_for_gae_only():
+    lines = run_script_lines(
+        "estimators.py",
+        *("--preset", "qwen2-tiny", "--batch", "2", "--samples-per-prompt", "2", "--prompt-len", "4", "8"),
+        *("--max-new-tokens", "3", "--ppo-epochs", "1", "--num-minibatches", "2", "--iterations", "1"),
+        *("--warmup", "0", "--estimators", "gae", "grpo"),
+    )
+    gae, grpo = lines
+    assert (gae["estimator"], gae["value_head"], grpo["estimator"], grpo["value_head"]) == ("gae", True, "grpo", False)
+    # the value head is hidden + 1 float32 numbers (weight and bias); AdamW keeps two moments of each, and a float32
+    # step count per tensor
+    head_bytes = (gae["config"]["hidden"] + 1) * 4
+    assert gae["trained_param_bytes"] - grpo["trained_param_bytes"] == head_bytes
+    assert gae["optimizer_state_bytes"] - grpo["optimizer_state_bytes"] == 2 * head_bytes + 2 * 4
