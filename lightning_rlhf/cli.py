@@ -9,6 +9,8 @@ resolved ``config.yaml`` and the ``checkpoints/``; the root is ``--trainer.defau
 from __future__ import annotations
 
 import sys
+import traceback
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace, set_parsing_settings
@@ -114,6 +116,19 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-rlhf`` console script (``args`` replaces ``sys.argv[1:]`` in tests)."""
     # The config dataclasses document each field in an attribute docstring; --help shows them.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    try:
+        run_cli(args)
+    except (ValueError, TypeError) as error:
+        cause = package_error(error)
+        if cause is None or cause is error:
+            raise
+        # jsonargparse wraps an error raised while it builds a class (a config check naming the field) in its own
+        # "Does not validate against any of the Union subtypes", ending in a dump of the whole namespace: raise the
+        # package's error itself, with its own traceback.
+        raise cause from None
+
+
+def run_cli(args: list[str] | None) -> None:
     RLHFCLI(
         LightningModule,
         LightningDataModule,
@@ -128,6 +143,26 @@ def main(args: list[str] | None = None) -> None:
         },
         args=args,
     )
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def package_error(error: BaseException) -> BaseException | None:
+    """The deepest ``ValueError`` / ``TypeError`` in ``error``'s chain of causes that this package raised (its
+    traceback ends in a file of the package), or None."""
+    found, seen, current = None, set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        if (
+            isinstance(current, (ValueError, TypeError))
+            and frames
+            and Path(frames[-1].filename).is_relative_to(PACKAGE_DIR)
+        ):
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import importlib
+import re
 import types
 import typing
 from pathlib import Path
@@ -204,6 +205,24 @@ def test_the_console_script_reads_sys_argv_with_nulls_and_no_lightning_warning(c
         main()
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["ppo"]["max_grad_norm"] is None
     assert not [w for w in recwarn if "args parameter" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--model.ppo.clip_coef=-0.1", "model.ppo.clip_coef=-0.1 is invalid: use a positive clip range"),
+        ("--model.ppo.advantage_estimator=grpo", "set model.generation.samples_per_prompt >= 2"),
+    ],
+    ids=["field-check", "cross-field-check"],
+)
+def test_a_config_error_reaches_the_user_as_the_package_raised_it(tmp_path, monkeypatch, flag, message):
+    # jsonargparse wraps an error raised while it builds a class in "Does not validate against any of the Union
+    # subtypes", ending in a dump of the whole namespace; the command raises the package's own error instead.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), flag, "--trainer.max_steps=1"])
+    assert "Union subtypes" not in str(error.value)
+    assert not (tmp_path / "runs").exists()  # before any run directory, let alone a weight
 
 
 def test_quickstart_learns_where_its_earlier_settings_fell_back(tmp_path, monkeypatch):
