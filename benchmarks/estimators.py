@@ -17,12 +17,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from ppo_iteration import BenchPPOModule, make_prompts
-from presets import add_model_arguments, policy_config, save_random_model
+from presets import add_model_arguments, policy_config, random_model_dir
 
 from lightning_rlhf.config import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS
 from lightning_rlhf.data import PromptDataModule
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
-        if args.preset != "none":
-            save_random_model(args.preset, model_dir, args.seed)
+    with random_model_dir(args) as model_dir:
         print(json.dumps(run_one(args, model_dir)), flush=True)
 
 

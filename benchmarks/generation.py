@@ -27,12 +27,11 @@ import random
 import statistics
 import string
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
-from presets import add_model_arguments, policy_config, save_random_model, synchronize
+from presets import add_model_arguments, policy_config, random_model_dir, synchronize
 
 from lightning_rlhf.models import LoraConfig, build_policy, load_tokenizer
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
@@ -77,14 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
+    with random_model_dir(args) as model_dir:
         run(args, model_dir)
 
 
 def run(args: argparse.Namespace, model_dir: str) -> None:
     device = torch.device(args.device)
-    if args.preset != "none":
-        save_random_model(args.preset, model_dir, args.seed)
     cfg = policy_config(args, model_dir)
     tokenizer = load_tokenizer(cfg)
     policy = build_policy(cfg, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), tokenizer).to(device).eval()

@@ -23,12 +23,11 @@ import random
 import statistics
 import string
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
-from presets import add_model_arguments, policy_config, save_random_model, synchronize
+from presets import add_model_arguments, policy_config, random_model_dir, synchronize
 
 from lightning_rlhf.functional import response_keys
 from lightning_rlhf.models import LoraConfig, build_policy, load_tokenizer
@@ -60,9 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
-        if args.preset != "none":
-            save_random_model(args.preset, model_dir, args.seed)
+    with random_model_dir(args) as model_dir:
         run(args, model_dir)
 
 

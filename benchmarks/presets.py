@@ -11,7 +11,9 @@ to give the reward some text (:func:`fold_to_tokenizer`), so the model's cost is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -85,6 +87,16 @@ def save_random_model(name: str, directory: str, seed: int) -> transformers.Pret
     return config
 
 
+@contextlib.contextmanager
+def random_model_dir(args: argparse.Namespace) -> Iterator[str]:
+    """A temporary directory for the benchmark's model: ``--preset``'s random weights (drawn from ``--seed``) saved
+    in it, or left empty for the tiny Llama that :func:`policy_config` builds; removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
+        if args.preset != "none":
+            save_random_model(args.preset, model_dir, args.seed)
+        yield model_dir
+
+
 def fold_to_tokenizer(ids: list[list[int]], size: int) -> list[list[int]]:
     """Token ids folded into ``range(size)``, so a tokenizer smaller than the model's vocabulary can decode them."""
     return [[i % size for i in row] for row in ids]
@@ -125,9 +137,7 @@ def policy_config(args: argparse.Namespace, model_dir: str) -> PolicyConfig:
 def build_benchmark_policy(args: argparse.Namespace) -> PolicyValueModel:
     """The policy of ``args`` (``--preset`` or the tiny Llama, LoRA of ``--lora-r`` or ``--full`` fine-tuning), its
     weights drawn from ``--seed``, on ``--device`` in training mode."""
-    with tempfile.TemporaryDirectory(prefix="lightning_rlhf_bench_") as model_dir:
-        if args.preset != "none":
-            save_random_model(args.preset, model_dir, args.seed)
+    with random_model_dir(args) as model_dir:
         torch.manual_seed(args.seed)
         cfg = policy_config(args, model_dir)
         lora = LoraConfig(enabled=False) if args.full else LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
