@@ -51,7 +51,7 @@ from lightning_rlhf.loss import loss_units, micro_batch_weight, ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, cast_weights, load_tokenizer
 from lightning_rlhf.modes import full_precision
 from lightning_rlhf.precision import keep_trained_weights_float32
-from lightning_rlhf.rewards import Reward, call_reward, validate_scores
+from lightning_rlhf.rewards import Reward, call_reward, fields_for, validate_scores
 from lightning_rlhf.rollout import generate_rollout
 from lightning_rlhf.types import Rollout, RolloutSamples
 
@@ -196,12 +196,15 @@ class PPOModule(LightningModule):
             self.eval_reward.setup(self.device)
 
     # ---------------------------------------------------------------------------------------------------- the reward
-    def reward(self, prompts: list[str], responses: list[str], **tensors: Tensor | None) -> Tensor:
+    def reward(self, prompts: list[str], responses: list[str], **inputs: Any) -> Tensor:
         """Sequence-level scores, (B,). Override in a subclass to supply a custom reward.
 
-        ``tensors`` are the policy's token tensors, as :meth:`lightning_rlhf.rewards.Reward.__call__` documents them
-        (``prompt_ids``, ``response_ids``, ``response_mask``). The default calls the configured ``reward`` (a
-        :class:`Reward` gets the token tensors too) and wraps anything it raises in a ``RuntimeError`` that names it.
+        ``inputs`` are the policy's token tensors, as :meth:`lightning_rlhf.rewards.Reward.__call__` documents them
+        (``prompt_ids``, ``response_ids``, ``response_mask``), and the prompt rows' own fields, one value per response
+        (``answer=[...]`` for a ``.jsonl`` field ``"answer"``); an override receives the fields its signature names, or
+        all with ``**kwargs``. The default calls the configured ``reward`` through
+        :func:`~lightning_rlhf.rewards.call_reward` (a :class:`Reward` gets the token tensors too, every reward the
+        fields it names) and wraps anything it raises in a ``RuntimeError`` that names it.
         """
         if self.reward_fn is None:
             raise NotImplementedError(
@@ -213,7 +216,7 @@ class PPOModule(LightningModule):
             prompts,
             responses,
             allow_non_finite=True,  # the caller decides: an error on the first iteration, a skipped one later
-            **tensors,
+            **inputs,
         )
 
     # ------------------------------------------------------------------------------------------------ training step
@@ -224,7 +227,7 @@ class PPOModule(LightningModule):
         # 1. rollout (no grad): n responses per prompt; old and reference logprobs; values   -> rollout.py
         rollout = self.rollout(batch)
         # 2. score: reward on (prompt, response), then penalties / normalize / clip; loss mask -> rewards/
-        scored = self.score(batch["prompts"], rollout, stats)
+        scored = self.score(batch["prompts"], rollout, stats, batch.get("fields"))
         if scored is None:  # non-finite scores after the first iteration: no update from this rollout
             self._skip_iteration()
             return
@@ -297,17 +300,23 @@ class PPOModule(LightningModule):
         rows = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.text_mask(), strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def score(self, prompts: list[str], rollout: Rollout, stats: GlobalStats) -> tuple[Rollout, RolloutSamples] | None:
+    def score(
+        self, prompts: list[str], rollout: Rollout, stats: GlobalStats, fields: dict[str, list[Any]] | None = None
+    ) -> tuple[Rollout, RolloutSamples] | None:
         """Step 2: score the rollout; None when, after the first iteration, any process got a NaN or infinite score.
 
-        ``prompts`` are the batch's prompt texts, one per prompt: each response is scored with its own prompt
-        (``rollout.group_index``). On the first iteration every problem with the scores (non-finite included) raises,
-        so a broken reward stops the run before any weight moves; later, a rare non-finite score skips one iteration
-        instead of a long run. Rewards run at full precision (:func:`~lightning_rlhf.modes.full_precision`), whatever
-        the trainer's. Also sets the rollout's ``loss_mask`` (:meth:`trained_responses`).
+        ``prompts`` are the batch's prompt texts and ``fields`` its prompt rows' own fields, one value per prompt:
+        each response is scored with its own prompt and fields (``rollout.group_index``). On the first iteration
+        every problem with the scores (non-finite included) raises, so a broken reward stops the run before any weight
+        moves; later, a rare non-finite score skips one iteration instead of a long run. Rewards run at full
+        precision (:func:`~lightning_rlhf.modes.full_precision`), whatever the trainer's. Also sets the rollout's
+        ``loss_mask`` (:meth:`trained_responses`).
         """
+        fields = dict(fields or {})
         if rollout.group_index is not None:
-            prompts = [prompts[group] for group in rollout.group_index.tolist()]
+            groups = rollout.group_index.tolist()
+            prompts = [prompts[group] for group in groups]
+            fields = {name: [values[group] for group in groups] for name, values in fields.items()}
         responses = self.decode_responses(rollout)
         tensors = {
             "prompt_ids": rollout.prompt_ids,
@@ -315,7 +324,7 @@ class PPOModule(LightningModule):
             "response_mask": rollout.response_mask,
         }
         with full_precision(self.device.type):
-            raw = self.reward(prompts, responses, **tensors)
+            raw = self.reward(prompts, responses, **tensors, **fields_for(self.reward, fields))
         source = f"{type(self).__name__}.reward"
         raw = validate_scores(raw, len(rollout), source, allow_non_finite=True).to(self.device)
         non_finite = not bool(torch.isfinite(raw).all())
@@ -339,7 +348,7 @@ class PPOModule(LightningModule):
         stats.add("rollout/eos_frac", rollout.ended.float().sum(), lengths.numel())
         if self.eval_reward is not None:
             with full_precision(self.device.type):
-                true_reward = call_reward(self.eval_reward, prompts, responses, **tensors)
+                true_reward = call_reward(self.eval_reward, prompts, responses, **tensors, **fields)
             stats.add("rollout/true_reward", true_reward.sum(), true_reward.numel())
         scored = dataclasses.replace(rollout, scores=scores, loss_mask=loss_mask)
         return scored, RolloutSamples(prompts, responses, raw)

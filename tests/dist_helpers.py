@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch import Callback
 from torch.distributed.tensor import DTensor
 
-from lightning_rlhf.rewards import Reward
+from lightning_rlhf.rewards import CharFractionReward, Reward
 
 TESTS = Path(__file__).resolve().parent
 
@@ -104,3 +104,15 @@ class SameScoreForSamePrompts(Reward):
         return torch.tensor(
             [0.5 if p.startswith("Same") else float(len(r)) for p, r in zip(prompts, responses, strict=True)]
         )
+
+
+class CharFractionNeedingPromptFields(Reward):
+    """``CharFractionReward``'s score, from a reward that needs each prompt's own field ``reversed_prompt`` (its text
+    reversed) and raises when a response arrives with another prompt's field: a run that finishes carried every
+    prompt's fields with its responses, on every process."""
+
+    def __call__(self, prompts, responses, *, reversed_prompt, **tensors):
+        wrong = [p for p, field in zip(prompts, reversed_prompt, strict=True) if field != p[::-1]]
+        if wrong:
+            raise AssertionError(f"responses to {wrong} came with another prompt's field")
+        return CharFractionReward()(prompts, responses)

@@ -171,6 +171,11 @@ def test_exactly_one_source():
         ("blank.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n', r"prompt blank\.jsonl:2 is empty"),
         ("msgs.jsonl", '{"prompt": [{"role": "user"}]}\n', r"prompt msgs\.jsonl:1 is a list; a prompt is text or"),
         ("prompts.csv", "a\n", r"must end in \.jsonl or \.txt"),
+        (
+            "reserved.jsonl",
+            '{"prompt": "a"}\n{"prompt": "b", "response_ids": [1]}\n',
+            r"a row has a field named 'response_ids', a name the reward's own arguments take",
+        ),
     ],
 )
 def test_file_errors(tmp_path, byt5, name, content, match):
@@ -285,3 +290,33 @@ def test_resumable_sampler_shards_and_skips_completed_batches():
         11, batch_size=2, shuffle=False, seed=0, num_replicas=2, rank=0, completed_batches=lambda: 2
     )
     assert list(resumed) == [8]
+
+
+def test_the_other_fields_of_a_jsonl_row_travel_with_its_prompt(tmp_path, byt5):
+    rows = [
+        {"prompt": "2+2", "answer": "4", "level": 1, "tags": ["add"]},
+        {"prompt": "3*3", "answer": "9", "level": 2, "tags": []},
+        {"prompt": "5-1", "answer": "4", "level": 1, "tags": ["sub", "easy"]},
+    ]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dm = loaded(byt5, prompts=str(path), batch_size=3, shuffle=False)
+    assert dm.prompt_fields == {"answer": ["4", "9", "4"], "level": [1, 2, 1], "tags": [["add"], [], ["sub", "easy"]]}
+    (batch,) = batches(dm)
+    assert batch["prompts"] == ["2+2", "3*3", "5-1"]
+    assert batch["fields"] == dm.prompt_fields  # strings, numbers and lists, in the batch's row order
+    shuffled = loaded(byt5, prompts=str(path), batch_size=3, shuffle=True, seed=1)
+    (batch,) = batches(shuffled)
+    order = batch["prompt_index"].tolist()
+    assert order != [0, 1, 2]  # the fields follow their prompts through the shuffle
+    assert batch["fields"]["answer"] == [rows[i]["answer"] for i in order]
+    plain = loaded(byt5, prompts=["a", "b"], batch_size=2)
+    assert "fields" not in batches(plain)[0]
+
+
+def test_a_field_only_some_rows_have_is_left_out_with_a_warning(tmp_path, byt5):
+    path = tmp_path / "uneven.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1", "id": 7}\n{"prompt": "b", "answer": "2"}\n')
+    with pytest.warns(UserWarning, match=r"field 'id' is missing from 1 of 2 rows \(first: uneven\.jsonl:2\)"):
+        dm = loaded(byt5, prompts=str(path), batch_size=2)
+    assert dm.prompt_fields == {"answer": ["1", "2"]}

@@ -7,6 +7,7 @@ weights of an uninterrupted run. Processes given the same prompt text sample dif
 """
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -257,8 +258,13 @@ GROUP_METRICS = ("rollout/score", "rollout/zero_std_frac", "objective/kl", "loss
 
 def group_config(out_dir: Path, batch_size: int, max_steps: int, ckpt_dir: Path | None = None) -> dict:
     """GRPO with 4 samples per prompt and every statistic that crosses processes: the batch std of the returns, the
-    KL as a loss term, and the constant-normalised token sums of Dr. GRPO's aggregation."""
+    KL as a loss term, and the constant-normalised token sums of Dr. GRPO's aggregation. The prompts come from a
+    .jsonl whose rows carry a field of their own, which the reward needs with each response."""
     cfg = config(out_dir, batch_size, max_steps, ckpt_dir)
+    prompts = out_dir.with_suffix(".jsonl")
+    prompts.write_text("".join(json.dumps({"prompt": p, "reversed_prompt": p[::-1]}) + "\n" for p in PROMPTS))
+    cfg["data"]["init_args"]["prompts"] = str(prompts)
+    cfg["model"]["init_args"]["reward"] = {"class_path": "dist_helpers.CharFractionNeedingPromptFields"}
     init = cfg["model"]["init_args"]
     init["generation"] = {"max_new_tokens": 5, "samples_per_prompt": 4, "stop_token_ids": list(range(100, 200))}
     init["ppo"] |= {
@@ -287,7 +293,8 @@ def group_runs(tmp_path_factory):
 
 def test_each_process_samples_whole_groups_and_reaches_the_one_process_weights(group_runs):
     # 4 prompts x 4 samples on one process, 2 x 4 on each of two: the same 16 responses, each group on one process
-    # (its statistics are its own), the batch std and every denominator global, so the same weights.
+    # (its statistics are its own), the batch std and every denominator global, so the same weights. Each response
+    # reached the reward with its own prompt's field (the reward raises otherwise), on both processes.
     for step in (1, 2):
         (single,) = dumps(group_runs["single"], step)
         ddp = dumps(group_runs["ddp"], step)

@@ -1,5 +1,6 @@
 """PPOModule under a real Trainer on a tiny random Llama: what one PPO iteration changes, counts and logs."""
 
+import json
 import math
 
 import pytest
@@ -337,6 +338,58 @@ def test_function_reward():
 
     trainer = fit(make_module(reward=first_is_a))
     assert float(trainer.logged_metrics["rollout/score"]) in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def math_prompts(tmp_path, n: int = 4) -> str:
+    """A .jsonl of prompts "k+k=" with their answer (a string) and level (a number) as fields."""
+    path = tmp_path / "math.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{k}+{k}=", "answer": str(2 * k), "level": k}) + "\n" for k in range(n))
+    )
+    return str(path)
+
+
+def test_the_prompt_fields_reach_the_reward_the_eval_reward_and_an_override_with_each_response(tmp_path):
+    seen = {}
+
+    def exact(prompts, responses, answer):  # the field it names; not "level"
+        seen["reward"] = (list(prompts), list(answer))
+        return torch.tensor([float(r == a) for r, a in zip(responses, answer, strict=True)])
+
+    def true_level(prompts, responses, **fields):  # every field
+        seen["eval"] = {name: list(values) for name, values in fields.items()}
+        return torch.zeros(len(responses))
+
+    module = make_module(
+        reward=exact,
+        eval_reward=true_level,
+        generation=GenerationConfig(max_new_tokens=4, samples_per_prompt=2),
+    )
+    fit(module, batch_size=2, prompts=math_prompts(tmp_path))
+    # 2 prompts x 2 samples: each response with its own prompt's answer, samples adjacent
+    assert seen["reward"] == (["0+0=", "0+0=", "1+1=", "1+1="], ["0", "0", "2", "2"])
+    assert seen["eval"] == {"answer": ["0", "0", "2", "2"], "level": [0, 0, 1, 1]}
+
+    class LevelPPO(PPOModule):
+        def reward(self, prompts, responses, *, level, prompt_ids=None, response_ids=None, response_mask=None):
+            seen["override"] = (list(level), response_ids.shape[0])
+            return torch.zeros(len(responses))
+
+    fit(LevelPPO(policy=TINY, lora=LoraConfig(r=4), optimizer=sgd), batch_size=2, prompts=math_prompts(tmp_path))
+    assert seen["override"] == ([0, 1], 2)  # the field it names (not "answer"), and the token tensors as before
+
+
+def test_a_reward_that_needs_a_field_the_prompts_lack_stops_before_any_weight_moves(tmp_path):
+    def exact(prompts, responses, solution):
+        return torch.zeros(len(responses))
+
+    module = make_module(reward=exact)
+    module.configure_model()
+    before = snapshot(module)
+    with pytest.raises(ValueError, match=r"needs the prompt field 'solution' .* carry 'answer', 'level'; add "):
+        fit(module, batch_size=2, prompts=math_prompts(tmp_path))
+    after = snapshot(module)
+    assert all(torch.equal(after[name], before[name]) for name in before)
 
 
 def test_adaptive_kl_controller_moves_beta():

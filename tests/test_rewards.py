@@ -321,3 +321,56 @@ def test_scorer_config_errors(tmp_path, rm_path, byt5):
     _save_reward_model(no_template, ByT5Tokenizer(), pad_token_id=0)
     with pytest.raises(ValueError, match="has no chat template"):
         RewardModelScorer(str(no_template), use_chat_template=True).setup(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- prompt fields
+FIELDS = {"answer": ["4", "9"], "level": [1, 2]}
+
+
+def test_a_function_gets_the_fields_it_names_and_keeps_the_old_signature():
+    seen = {}
+
+    def exact(prompts, responses, answer):
+        seen["answer"] = answer
+        return torch.tensor([float(r == a) for r, a in zip(responses, answer, strict=True)])
+
+    def texts_only(prompts, responses):  # today's signature: called as before, the fields left out
+        return torch.zeros(len(responses))
+
+    assert call_reward(exact, ["2+2", "3*3"], ["4", "8"], **FIELDS).tolist() == [1.0, 0.0]
+    assert seen == {"answer": ["4", "9"]}  # not "level", which it does not name
+    assert call_reward(texts_only, ["p", "q"], ["r", "s"], **FIELDS).tolist() == [0.0, 0.0]
+
+
+def test_a_reward_class_gets_its_tensors_and_the_fields_it_takes():
+    class AllFields(Reward):
+        def __call__(self, prompts, responses, **kwargs):
+            self.seen = kwargs
+            return torch.zeros(len(responses))
+
+    class Explicit(Reward):  # the base class's keyword-only tensors, one field, no **kwargs
+        def __call__(self, prompts, responses, *, level=None, prompt_ids=None, response_ids=None, response_mask=None):
+            self.seen = {"level": level, "response_ids": response_ids}
+            return torch.zeros(len(responses))
+
+    ids = torch.ones(2, 3, dtype=torch.long)
+    every, explicit = AllFields(), Explicit()
+    call_reward(every, ["p", "q"], ["r", "s"], response_ids=ids, **FIELDS)
+    assert every.seen == {"response_ids": ids, **FIELDS}
+    call_reward(explicit, ["p", "q"], ["r", "s"], response_ids=ids, **FIELDS)
+    assert explicit.seen == {"level": [1, 2], "response_ids": ids}
+
+
+def test_a_reward_that_needs_a_missing_field_names_it_and_the_fix():
+    def exact(prompts, responses, answer):
+        return torch.zeros(len(responses))
+
+    with pytest.raises(ValueError, match=r"reward .*exact needs the prompt field 'answer' .* carry 'level'; add "):
+        call_reward(exact, ["p", "q"], ["r", "s"], level=[1, 2])
+    with pytest.raises(ValueError, match="carry no fields besides the prompt"):
+        call_reward(exact, ["p"], ["r"])
+
+
+def test_a_field_holds_one_value_per_response():
+    with pytest.raises(ValueError, match=r"prompt field 'answer' has 1 values for 2 responses"):
+        call_reward(lambda prompts, responses, answer: torch.zeros(2), ["p", "q"], ["r", "s"], answer=["4"])

@@ -4,6 +4,11 @@ Sources: a ``.jsonl`` file (a ``"prompt"`` field per line: text, or a list of ch
 prompt per line, kept verbatim, trailing spaces included), an inline Python list, or a built-in task
 (:mod:`lightning_rlhf.tasks`).
 
+**Prompt fields.** Every other field of a ``.jsonl`` row (``{"prompt": ..., "answer": "42", "level": 3}``) travels
+with its prompt: batches carry them as ``"fields": {name: [one value per prompt]}``, and the reward receives those it
+names, one value per response (:func:`lightning_rlhf.rewards.call_reward`). Only the fields every row has travel
+(a field some rows lack is left out, with a warning).
+
 Tokenization, chosen so the policy continues the prompt rather than a finished sequence:
 
 - **Text** is encoded with the tokenizer's special tokens minus a trailing EOS (:mod:`lightning_rlhf.data.common`).
@@ -16,6 +21,7 @@ Tokenization, chosen so the policy continues the prompt rather than a finished s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -38,12 +44,17 @@ from lightning_rlhf.data.common import (
     resolve_tokenizer,
 )
 from lightning_rlhf.errors import list_rows
+from lightning_rlhf.rewards import RESERVED_FIELDS
 from lightning_rlhf.tasks import get_task
+
+Fields = dict[str, list[Any]]
+"""Prompt fields by name, one value per prompt row."""
 
 
 class LeftPadCollator:
-    """Collate ``{"input_ids": list[int], "prompt": str, "index": int}`` rows into a left-padded
-    :class:`PromptDataModule` batch (a row without ``"index"`` gets none: the batch then has no ``prompt_index``).
+    """Collate ``{"input_ids": list[int], "prompt": str, "index": int, "fields": dict}`` rows into a left-padded
+    :class:`PromptDataModule` batch (rows without ``"index"`` give no ``prompt_index``, rows without ``"fields"`` no
+    ``fields``).
 
     A top-level class rather than a closure so it pickles (worker processes, DDP spawn).
 
@@ -56,8 +67,8 @@ class LeftPadCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor | list[str]]:
         """Returns ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool, "prompts": list[str],
-        "prompt_index": (B,) long}``: each row's index in the dataset names its responses' random streams
-        (:func:`lightning_rlhf.functional.random_streams.response_keys`)."""
+        "prompt_index": (B,) long, "fields": {name: list of B values}}``: each row's index in the dataset names its
+        responses' random streams (:func:`lightning_rlhf.functional.random_streams.response_keys`)."""
         width = max(len(r["input_ids"]) for r in rows)
         prompt_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, P)
         prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, P), True = real token
@@ -68,6 +79,8 @@ class LeftPadCollator:
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompts": [r["prompt"] for r in rows]}
         if all("index" in r for r in rows):
             batch["prompt_index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        if rows[0].get("fields"):
+            batch["fields"] = {name: [r["fields"][name] for r in rows] for name in rows[0]["fields"]}
         return batch
 
 
@@ -113,26 +126,56 @@ class ResumableSampler(DistributedSampler):
 
 
 class _PromptDataset(Dataset):
-    def __init__(self, input_ids: list[list[int]], texts: list[str]) -> None:
-        self.input_ids, self.texts = input_ids, texts
+    def __init__(self, input_ids: list[list[int]], texts: list[str], fields: Fields) -> None:
+        self.input_ids, self.texts, self.fields = input_ids, texts, fields
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[index], "prompt": self.texts[index], "index": index}
+        row = {"input_ids": self.input_ids[index], "prompt": self.texts[index], "index": index}
+        if self.fields:
+            row["fields"] = {name: values[index] for name, values in self.fields.items()}
+        return row
 
 
-def _read_prompt_file(path: Path) -> tuple[list[Any], list[str]]:
-    """Raw prompts of a .jsonl or .txt file and a label per prompt (``"file:line"``) for error messages."""
+def _read_prompt_file(path: Path) -> tuple[list[Any], list[str], Fields]:
+    """Raw prompts of a .jsonl or .txt file, a label per prompt (``"file:line"``) for error messages, and the rows'
+    other fields (:func:`_prompt_fields`; none for .txt)."""
     lines = read_lines(path, "prompts", (".jsonl", ".txt"))
     if path.suffix == ".txt":  # one prompt per line, verbatim (trailing spaces included)
-        return lines, [f"{path.name}:{i}" for i in range(1, len(lines) + 1)]
+        return lines, [f"{path.name}:{i}" for i in range(1, len(lines) + 1)], {}
     records, labels = parse_jsonl(lines, path.name, "prompts")
     for record, label in zip(records, labels, strict=True):
         if not isinstance(record, dict) or "prompt" not in record:
             raise ValueError(f'data.prompts: {label} has no "prompt" field; each line needs {{"prompt": ...}}.')
-    return [record["prompt"] for record in records], labels
+    return [record["prompt"] for record in records], labels, _prompt_fields(records, labels)
+
+
+def _prompt_fields(records: list[dict[str, Any]], labels: list[str]) -> Fields:
+    """The fields every row has besides ``"prompt"``, as lists; none may be named like a reward argument
+    (:data:`~lightning_rlhf.rewards.RESERVED_FIELDS`). A field only some rows have is left out, with a warning that
+    names it and a row without it (a reward that needs it then says it is missing)."""
+    names = [key for key in records[0] if key != "prompt"]
+    for record in records[1:]:
+        names += [key for key in record if key != "prompt" and key not in names]
+    if reserved := [name for name in names if name in RESERVED_FIELDS]:
+        raise ValueError(
+            f"data.prompts: a row has a field named {reserved[0]!r}, a name the reward's own arguments take "
+            f"({', '.join(RESERVED_FIELDS)}); rename the field."
+        )
+    fields: Fields = {}
+    for name in names:
+        lacking = [label for record, label in zip(records, labels, strict=True) if name not in record]
+        if lacking:
+            warnings.warn(
+                f"data.prompts: field {name!r} is missing from {len(lacking)} of {len(records)} rows (first: "
+                f"{lacking[0]}); only the fields every row has reach the reward, so {name!r} is left out.",
+                stacklevel=3,
+            )
+        else:
+            fields[name] = [record[name] for record in records]
+    return fields
 
 
 def _check_prompt(prompt: Any, label: str) -> None:
@@ -177,11 +220,12 @@ class PromptDataModule(LightningDataModule):
     Give exactly one of ``prompts`` or ``task``. All prompts are loaded, tokenized and checked in ``setup`` so a bad
     row fails before any training. Each batch is ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool (True =
     real token), "prompts": list[str], "prompt_index": (B,) long}``, left-padded to the longest prompt of the batch;
-    ``prompt_index`` is each prompt's row in the data, which names its responses' random streams.
+    ``prompt_index`` is each prompt's row in the data, which names its responses' random streams. Rows with fields of
+    their own (a ``.jsonl`` row's fields beside ``"prompt"``) add ``"fields": {name: list}``, which reach the reward.
 
     Args:
-        prompts: path of a .jsonl file (a "prompt" field per line: text or a list of chat messages) or a .txt file
-            (one prompt per line), or an inline list of prompts.
+        prompts: path of a .jsonl file (a "prompt" field per line: text or a list of chat messages; its other fields
+            reach the reward) or a .txt file (one prompt per line), or an inline list of prompts.
         task: name of a built-in task (lowercase, sentiment) whose generated prompts to use instead.
         num_prompts: how many prompts to generate for ``task``.
         batch_size: prompts per rollout and per device; constant (the last incomplete batch is dropped).
@@ -237,6 +281,11 @@ class PromptDataModule(LightningDataModule):
         return self._loaded().texts
 
     @property
+    def prompt_fields(self) -> Fields:
+        """Every row's own fields (a ``.jsonl`` row's fields but ``"prompt"``), by name (available after ``setup``)."""
+        return self._loaded().fields
+
+    @property
     def prompt_token_ids(self) -> list[list[int]]:
         """The (possibly truncated) token ids of every row (available after ``setup``)."""
         return self._loaded().input_ids
@@ -246,15 +295,15 @@ class PromptDataModule(LightningDataModule):
             raise RuntimeError("PromptDataModule.setup() has not run yet; prompts load there.")
         return self._dataset
 
-    def _raw_prompts(self) -> tuple[list[Any], list[str]]:
+    def _raw_prompts(self) -> tuple[list[Any], list[str], Fields]:
         if self.task is not None:
             prompts = get_task(self.task).prompts(self.num_prompts, self.seed)
-            return prompts, [f"{self.task}[{i}]" for i in range(len(prompts))]
+            return prompts, [f"{self.task}[{i}]" for i in range(len(prompts))], {}
         if isinstance(self.prompts, str | Path):
             return _read_prompt_file(Path(self.prompts))
         if not isinstance(self.prompts, list | tuple):
             raise ValueError(f"data.prompts must be a path or a list, got {type(self.prompts).__name__}.")
-        return list(self.prompts), [f"prompts[{i}]" for i in range(len(self.prompts))]
+        return list(self.prompts), [f"prompts[{i}]" for i in range(len(self.prompts))], {}
 
     def _fit_length(self, ids: list[list[int]], labels: list[str]) -> list[list[int]]:
         limit = self.max_prompt_length
@@ -278,7 +327,7 @@ class PromptDataModule(LightningDataModule):
         if self._dataset is not None:
             return
         tokenizer = resolve_tokenizer(self)
-        prompts, labels = self._raw_prompts()
+        prompts, labels, fields = self._raw_prompts()
         if not prompts:
             raise ValueError(f"data.prompts: no prompts found in {self.prompts!r}.")
         for prompt, label in zip(prompts, labels, strict=True):
@@ -289,7 +338,7 @@ class PromptDataModule(LightningDataModule):
         ids = self._fit_length(ids, labels)
         self._check_batch_size(len(ids))
         self._pad_token_id = pad_token_id(tokenizer)
-        self._dataset = _PromptDataset(ids, [_reward_text(p) for p in prompts])
+        self._dataset = _PromptDataset(ids, [_reward_text(p) for p in prompts], fields)
 
     def _check_batch_size(self, num_prompts: int) -> None:
         world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1

@@ -10,7 +10,8 @@ fix it instead of silently training on NaNs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,18 +19,28 @@ from torch import Tensor
 
 from lightning_rlhf.errors import list_rows
 
+TOKEN_INPUTS = ("prompt_ids", "response_ids", "response_mask")
+"""The policy's token tensors, passed to every :class:`Reward` as keyword arguments."""
+RESERVED_FIELDS = ("prompts", "responses", *TOKEN_INPUTS)
+"""Names a prompt row's own field cannot take: they are the reward's other arguments."""
+
 
 class Reward:
     """Base class of a sequence-level reward; the extension point for custom rewards.
 
     Subclass it and implement ``__call__``. The trainer calls ``setup(device)`` once before training (load models,
     move tensors there), then calls the reward on every rollout with the decoded texts and, as keyword arguments, the
-    token tensors of the policy (ignore them unless you need them).
+    token tensors of the policy (ignore them unless you need them) and the prompt rows' own fields that ``__call__``
+    names (or all of them, with ``**kwargs``): a ``.jsonl`` row ``{"prompt": ..., "answer": "42"}`` gives
+    ``answer=[...]``, one value per response (:func:`call_reward`).
 
     Example:
         >>> class ShortReward(Reward):
         ...     def __call__(self, prompts, responses, **tensors):
         ...         return torch.tensor([-float(len(r)) for r in responses])
+        >>> class ExactAnswer(Reward):
+        ...     def __call__(self, prompts, responses, *, answer, **tensors):
+        ...         return torch.tensor([float(r.strip() == a) for r, a in zip(responses, answer)])
     """
 
     def setup(self, device: torch.device) -> None:
@@ -126,37 +137,76 @@ def reward_name(reward: Callable[..., Any]) -> str:
     return getattr(reward, "__qualname__", None) or type(reward).__name__
 
 
+def fields_for(reward: Callable[..., Any], fields: Mapping[str, Sequence[Any]]) -> dict[str, Sequence[Any]]:
+    """The prompt fields ``reward`` takes: those its signature names after ``(prompts, responses)``, or all of them
+    when it takes ``**kwargs``; none when its signature cannot be read.
+
+    Raises:
+        ValueError: naming the field and the fix, when ``reward`` requires one (a parameter without a default) that
+            ``fields`` lacks.
+    """
+    try:
+        parameters = list(inspect.signature(reward).parameters.values())[2:]  # after prompts, responses
+    except (TypeError, ValueError):  # a builtin or extension callable: called as before, with the texts alone
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(fields)
+    taken = {}
+    for parameter in parameters:
+        if parameter.name in TOKEN_INPUTS or parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        if parameter.name in fields:
+            taken[parameter.name] = fields[parameter.name]
+        elif parameter.default is inspect.Parameter.empty:
+            carried = ", ".join(repr(name) for name in sorted(fields)) or "no fields besides the prompt"
+            raise ValueError(
+                f"reward {reward_name(reward)} needs the prompt field {parameter.name!r} for every response, but the "
+                f'prompt rows carry {carried}; add "{parameter.name}" to every row of data.prompts (a .jsonl field '
+                f'next to "prompt") or give the parameter a default.'
+            )
+    return taken
+
+
 def call_reward(
     reward: Callable[..., Any],
     prompts: list[str],
     responses: list[str],
     allow_non_finite: bool = False,
-    **tensors: Tensor | None,
+    **inputs: Any,
 ) -> Tensor:
     """Call ``reward`` and return its validated ``(B,)`` float32 scores.
 
-    A :class:`Reward` receives ``tensors`` (``prompt_ids``, ``response_ids``, ``response_mask``) as keyword arguments;
-    any other callable is called as ``reward(prompts, responses)``.
+    ``inputs`` are the token tensors (:data:`TOKEN_INPUTS`), which a :class:`Reward` receives as keyword arguments,
+    and the prompt rows' own fields (one value per response, e.g. ``answer=[...]``), which any reward receives as
+    far as its signature takes them (:func:`fields_for`). A callable that names neither is called as
+    ``reward(prompts, responses)``, as before fields existed.
 
     Args:
-        reward: a :class:`Reward` or a plain callable ``(prompts, responses) -> scores``.
+        reward: a :class:`Reward` or a plain callable ``(prompts, responses, **fields) -> scores``.
         prompts: the B prompt texts.
         responses: the B response texts.
         allow_non_finite: passed to :func:`validate_scores`.
-        **tensors: token tensors passed on to a :class:`Reward`.
+        **inputs: token tensors and prompt fields.
 
     Returns:
         (B,) float32 scores, see :func:`validate_scores`.
 
     Raises:
-        ValueError: if ``prompts`` and ``responses`` differ in length, or the scores are invalid.
+        ValueError: if ``prompts`` and ``responses`` differ in length, a field does not hold one value per response,
+            the reward needs a field the prompts lack, or the scores are invalid.
         RuntimeError: ``reward <Name> raised ...``, chained to whatever the reward raised.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must pair up.")
+    tensors = {key: value for key, value in inputs.items() if key in TOKEN_INPUTS}
+    fields = {key: value for key, value in inputs.items() if key not in TOKEN_INPUTS}
+    for key, values in fields.items():
+        if len(values) != len(responses):
+            raise ValueError(f"prompt field {key!r} has {len(values)} values for {len(responses)} responses.")
     name = reward_name(reward)
+    kwargs = {**(tensors if isinstance(reward, Reward) else {}), **fields_for(reward, fields)}
     try:
-        scores = reward(prompts, responses, **tensors) if isinstance(reward, Reward) else reward(prompts, responses)
+        scores = reward(prompts, responses, **kwargs)
     except Exception as err:
         raise RuntimeError(f"reward {name} raised {type(err).__name__}: {err}") from err
     return validate_scores(scores, len(prompts), name, allow_non_finite=allow_non_finite)
