@@ -195,6 +195,12 @@ class PPOModule(LightningModule):
         if isinstance(self.eval_reward, Reward):
             self.eval_reward.setup(self.device)
 
+    def teardown(self, stage: str) -> None:
+        """Stop what the rewards started in ``setup`` (e.g. ``MathAnswerReward``'s check workers)."""
+        for reward in (self.reward_fn, self.eval_reward):
+            if isinstance(reward, Reward):
+                reward.teardown()
+
     # ---------------------------------------------------------------------------------------------------- the reward
     def reward(self, prompts: list[str], responses: list[str], **inputs: Any) -> Tensor:
         """Sequence-level scores, (B,). Override in a subclass to supply a custom reward.

@@ -23,3 +23,18 @@ def cpu_trainer(**overrides: Any) -> Trainer:
         "enable_model_summary": False,
     }
     return Trainer(**(settings | overrides))
+
+
+def check_that_hangs_dies_or_raises(item: str) -> str:
+    """A check for ``CheckPool`` tests (module-level, so spawned workers import it): ``"hang"`` sleeps a minute,
+    ``"die"`` exits its process, ``"raise"`` raises; anything else comes back doubled."""
+    import os
+    import time
+
+    if item == "hang":
+        time.sleep(60)
+    if item == "die":
+        os._exit(3)
+    if item == "raise":
+        raise ValueError("a check that raises")
+    return item * 2

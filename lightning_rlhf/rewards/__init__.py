@@ -5,6 +5,9 @@
 - :mod:`~lightning_rlhf.rewards.scorer`: ``RewardModelScorer`` and :func:`encode_scored_texts`, the one encoding of
   a (prompt, response) pair for a reward model (PPO's scorer and the reward model's training data).
 - :mod:`~lightning_rlhf.rewards.rules`: ``CharFractionReward``, ``LexiconSentimentReward``, ``LengthReward``.
+- :mod:`~lightning_rlhf.rewards.verifiable`: ``MathAnswerReward`` (a response's answer against the prompt's
+  reference, with ``math-verify``), over :mod:`~lightning_rlhf.rewards.workers`' ``CheckPool`` (checks in worker
+  processes, a time limit each).
 
 Every name is re-exported here: ``class_path: lightning_rlhf.rewards.RewardModelScorer`` keeps working.
 """
@@ -26,6 +29,8 @@ from lightning_rlhf.rewards.rules import (
     LexiconSentimentReward,
 )
 from lightning_rlhf.rewards.scorer import RewardModelScorer, encode_scored_texts
+from lightning_rlhf.rewards.verifiable import MathAnswerReward, check_math_answer
+from lightning_rlhf.rewards.workers import CheckPool, CheckResults
 
 __all__ = [
     "DEFAULT_NEGATIVE_WORDS",
@@ -33,11 +38,15 @@ __all__ = [
     "RESERVED_FIELDS",
     "TOKEN_INPUTS",
     "CharFractionReward",
+    "CheckPool",
+    "CheckResults",
     "LengthReward",
     "LexiconSentimentReward",
+    "MathAnswerReward",
     "Reward",
     "RewardModelScorer",
     "call_reward",
+    "check_math_answer",
     "encode_scored_texts",
     "fields_for",
     "reward_name",

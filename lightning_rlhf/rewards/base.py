@@ -29,10 +29,10 @@ class Reward:
     """Base class of a sequence-level reward; the extension point for custom rewards.
 
     Subclass it and implement ``__call__``. The trainer calls ``setup(device)`` once before training (load models,
-    move tensors there), then calls the reward on every rollout with the decoded texts and, as keyword arguments, the
-    token tensors of the policy (ignore them unless you need them) and the prompt rows' own fields that ``__call__``
-    names (or all of them, with ``**kwargs``): a ``.jsonl`` row ``{"prompt": ..., "answer": "42"}`` gives
-    ``answer=[...]``, one value per response (:func:`call_reward`).
+    move tensors there) and ``teardown()`` at the end of fit, and in between calls the reward on every rollout with
+    the decoded texts and, as keyword arguments, the token tensors of the policy (ignore them unless you need them)
+    and the prompt rows' own fields that ``__call__`` names (or all of them, with ``**kwargs``): a ``.jsonl`` row
+    ``{"prompt": ..., "answer": "42"}`` gives ``answer=[...]``, one value per response (:func:`call_reward`).
 
     Example:
         >>> class ShortReward(Reward):
@@ -49,6 +49,10 @@ class Reward:
         Args:
             device: the device the policy trains on.
         """
+
+    def teardown(self) -> None:
+        """Release what ``setup`` started (worker processes, servers); the trainer calls it at the end of fit.
+        Default: no-op."""
 
     def __call__(
         self,
