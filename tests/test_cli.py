@@ -241,7 +241,8 @@ def test_quickstart_learns_where_its_earlier_settings_fell_back(tmp_path, monkey
 
 def test_the_grpo_quickstart_learns_without_a_critic(tmp_path, monkeypatch):
     # 8 prompts x 4 samples, group baselines, no value head: over steps 36-40 the score is 0.89-0.91 over seeds 0-2
-    # (RLOO the same; the quickstart with its critic: 0.89-0.91), from ~0.05 (README, "Critic-free estimators").
+    # (RLOO the same; the quickstart with its critic: 0.89-0.91), from ~0.05 (benchmarks/README.md, "The estimators
+    # on the quickstart's task").
     monkeypatch.chdir(tmp_path)
     quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.callbacks=[]"]
     recipe = str(REPO / "recipes" / "grpo_quickstart.yaml")
