@@ -181,5 +181,6 @@ class CheckPool:
 
     def _replace(self, worker: _Worker) -> None:
         """Kill ``worker`` (hung, or dead already) and start another in its place (ready once it says so)."""
+        worker.item = None  # its item is settled (the default); the old worker is never looked at again
         worker.stop(kill=True)
         self._workers[self._workers.index(worker)] = _Worker(self._context, self.check)
