@@ -31,9 +31,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from presets import add_model_arguments, policy_config, random_model_dir, synchronize
+from presets import add_model_arguments, run_on_random_model, sampling_policy, synchronize
 
-from lightning_rlhf.models import LoraConfig, build_policy, load_tokenizer
 from lightning_rlhf.rollout import GenerationConfig, sample_responses, truncate_at_stop
 
 VARIANTS: tuple[str, ...] = ("plain_generate", "hf_merged", "cached_unmerged", "cached_merged")
@@ -72,19 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    with random_model_dir(args) as model_dir:
-        run(args, model_dir)
+    run_on_random_model(parse_args(argv), run)
 
 
 def run(args: argparse.Namespace, model_dir: str) -> None:
     device = torch.device(args.device)
-    cfg = policy_config(args, model_dir)
-    tokenizer = load_tokenizer(cfg)
-    policy = build_policy(cfg, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), tokenizer).to(device).eval()
+    policy, tokenizer = sampling_policy(args, model_dir)
     with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at initialization
         for name, param in policy.named_parameters():
             if "lora_B" in name:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +95,25 @@ def random_model_dir(args: argparse.Namespace) -> Iterator[str]:
         if args.preset != "none":
             save_random_model(args.preset, model_dir, args.seed)
         yield model_dir
+
+
+def run_on_random_model(args: argparse.Namespace, run: Callable[[argparse.Namespace, str], None]) -> None:
+    """A benchmark's ``main``: ``--threads`` and ``--seed`` applied, then ``run(args, model_dir)`` with the model
+    directory of :func:`random_model_dir`."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    with random_model_dir(args) as model_dir:
+        run(args, model_dir)
+
+
+def sampling_policy(args: argparse.Namespace, model_dir: str) -> tuple[PolicyValueModel, Any]:
+    """The policy of ``args`` (LoRA of ``--lora-r``) in eval mode on ``--device``, and its tokenizer: what the
+    sampling benchmarks sample from."""
+    cfg = policy_config(args, model_dir)
+    tokenizer = load_tokenizer(cfg)
+    policy = build_policy(cfg, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), tokenizer)
+    return policy.to(torch.device(args.device)).eval(), tokenizer
 
 
 def fold_to_tokenizer(ids: list[list[int]], size: int) -> list[list[int]]:

@@ -227,7 +227,7 @@ def test_group_sampling_benchmark_samples_the_same_tokens_with_and_without_prefi
     assert out["config"]["samples_per_prompt"] == 3
     assert out["same_tokens"] is True
     assert set(out["seconds_median"]) == {"prefix_reuse", "repeated_prompts", "hf"}
-    assert out["speedup_vs_repeated_prompts"]["repeated_prompts"] == 1.0
+    assert all(seconds > 0 for seconds in out["seconds_median"].values())  # every variant was timed
 
 
 def test_estimators_benchmark_builds_the_value_head_for_gae_only():
