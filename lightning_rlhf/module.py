@@ -51,7 +51,7 @@ from lightning_rlhf.loss import loss_units, micro_batch_weight, ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, cast_weights, load_tokenizer
 from lightning_rlhf.modes import full_precision
 from lightning_rlhf.precision import keep_trained_weights_float32
-from lightning_rlhf.rewards import Reward, call_reward, fields_for, validate_scores
+from lightning_rlhf.rewards import CombinedReward, Reward, call_reward, fields_for, validate_scores
 from lightning_rlhf.rollout import generate_rollout
 from lightning_rlhf.types import Rollout, RolloutSamples
 
@@ -316,7 +316,8 @@ class PPOModule(LightningModule):
         every problem with the scores (non-finite included) raises, so a broken reward stops the run before any weight
         moves; later, a rare non-finite score skips one iteration instead of a long run. Rewards run at full
         precision (:func:`~lightning_rlhf.modes.full_precision`), whatever the trainer's. Also sets the rollout's
-        ``loss_mask`` (:meth:`trained_responses`).
+        ``loss_mask`` (:meth:`trained_responses`). A :class:`~lightning_rlhf.rewards.CombinedReward` adds each
+        component's raw mean score as ``rollout/score/<name>``.
         """
         fields = dict(fields or {})
         if rollout.group_index is not None:
@@ -350,6 +351,9 @@ class PPOModule(LightningModule):
         loss_mask = self.trained_responses(rollout, scores, stats)
         stats.add("rollout/score", raw.sum(), raw.numel())
         stats.add("rollout/_score_sq", raw.double().square().sum(), raw.numel())
+        if isinstance(self.reward_fn, CombinedReward):  # the raw terms of rollout/score, before their weights
+            for name, component in self.reward_fn.component_scores.items():
+                stats.add(f"rollout/score/{name}", component.sum(), component.numel())
         stats.add("rollout/response_len", lengths.sum(), lengths.numel())
         stats.add("rollout/eos_frac", rollout.ended.float().sum(), lengths.numel())
         if self.eval_reward is not None:

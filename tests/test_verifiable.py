@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from helpers import TINY_POLICY, check_that_hangs_dies_or_raises, cpu_trainer
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.models import LoraConfig
 from lightning_rlhf.module import PPOConfig, PPOModule
-from lightning_rlhf.rewards import CheckPool, MathAnswerReward, check_math_answer
+from lightning_rlhf.rewards import CheckPool, MathAnswerReward, check_math_answer, last_match
 from lightning_rlhf.rollout import GenerationConfig
 
 
@@ -25,10 +26,30 @@ from lightning_rlhf.rollout import GenerationConfig
         ("no answer here", "7", None, 0.0),
         ("work... #### 12", "12", "#### (.+)", 1.0),  # GSM8K style: the pattern's group
         ("work... 12 but no marker", "12", "#### (.+)", 0.0),  # the pattern does not match: 0
+        # Thousands separators: math-verify reads a comma before three digits as one, in either text...
+        ("\\boxed{1234}", "1,234", None, 1.0),
+        ("So 1,234 in all.", "1234", None, 1.0),
+        ("\\boxed{1,234,567}", "1234567", None, 1.0),
+        # ... and "1,2" as the set {1, 2}, which stripping commas would have turned into 12
+        ("\\boxed{12}", "1,2", None, 0.0),
+        ("\\boxed{-6}", "-6", None, 1.0),  # the arithmetic task's negative answers
     ],
 )
 def test_the_check_compares_the_answer_with_the_reference(response, reference, pattern, expected):
     assert check_math_answer((response, reference, pattern)) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "expected"),
+    [
+        (r"####\s*(.+)", "first #### 1\nthen #### 72", "72"),  # the last match; . stops at the newline
+        (r"####\s*(.+)", "no marker", None),
+        (r"\d+", "1 and 22 and 333", "333"),  # no group: the whole match
+        (r"(\d+)-(\d+)", "1-2, 3-4", "3"),  # groups: the first of the last match
+    ],
+)
+def test_last_match(pattern, text, expected):
+    assert last_match(pattern, text) == expected
 
 
 def test_a_check_that_hangs_dies_or_raises_scores_the_default_and_the_pool_carries_on():
@@ -72,6 +93,50 @@ def test_math_answer_reward_names_a_missing_or_non_string_answer(math_reward):
         math_reward(["q"], ["\\boxed{1}"], level=[1])
     with pytest.raises(ValueError, match=r"field 'answer' must be a string .* got int 42 for response 0; quote"):
         math_reward(["q"], ["\\boxed{42}"], answer=[42])
+
+
+GSM8K_ANSWER = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
+"""A GSM8K answer column: the worked solution, then ``#### <answer>``."""
+
+
+@pytest.fixture(scope="module")
+def gsm8k_reward():
+    reward = MathAnswerReward(reference_pattern=r"####\s*(.+)", num_workers=1)
+    reward.setup(torch.device("cpu"))
+    yield reward
+    reward.teardown()
+
+
+def test_reference_pattern_takes_the_answer_from_a_worked_solution(gsm8k_reward):
+    responses = ["\\boxed{72}", "\\boxed{24}", "\\boxed{1234}", "\\boxed{1,234}", "\\boxed{1233}"]
+    references = [GSM8K_ANSWER, GSM8K_ANSWER, "... #### 1,234", "... #### 1234  ", "#### 1,234"]
+    # 72 is the answer (24, the solution's first number, is not); 1,234 equals 1234 either way round; 1233 does not.
+    scores = gsm8k_reward(["q"] * 5, responses, answer=references)
+    assert scores.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("reference", ["72 clips, no marker", "#### ", "###  72"], ids=["none", "empty", "short"])
+def test_a_reference_without_a_match_is_refused_before_any_check(reference):
+    pattern = r"####\s*(.*)"
+    reward = MathAnswerReward(reference_pattern=pattern, num_workers=1)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"reference_pattern={pattern!r} has no non-empty match in the prompt field 'answer' of response 1, "
+            f"{reference!r}; fix that row's answer or set reference_pattern"
+        ),
+    ):
+        reward(["q", "q"], ["\\boxed{1}", "\\boxed{72}"], answer=["#### 1", reference])
+    assert not reward.pool.running  # raised in this process, before a worker started
+
+
+@pytest.mark.parametrize("field", ["pattern", "reference_pattern"])
+def test_a_bad_regular_expression_is_refused_naming_its_field(field):
+    with pytest.raises(ValueError, match=rf"MathAnswerReward {field}='#### \(' is not a regular expression"):
+        MathAnswerReward(**{field: "#### ("})
 
 
 def test_checks_past_the_time_limit_score_zero_with_a_warning():

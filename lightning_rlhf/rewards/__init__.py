@@ -6,8 +6,10 @@
   a (prompt, response) pair for a reward model (PPO's scorer and the reward model's training data).
 - :mod:`~lightning_rlhf.rewards.rules`: ``CharFractionReward``, ``LexiconSentimentReward``, ``LengthReward``.
 - :mod:`~lightning_rlhf.rewards.verifiable`: ``MathAnswerReward`` (a response's answer against the prompt's
-  reference, with ``math-verify``), over :mod:`~lightning_rlhf.rewards.workers`' ``CheckPool`` (checks in worker
-  processes, a time limit each).
+  reference, with ``math-verify``) and :func:`last_match`, over :mod:`~lightning_rlhf.rewards.workers`' ``CheckPool``
+  (checks in worker processes, a time limit each).
+- :mod:`~lightning_rlhf.rewards.combined`: ``CombinedReward``, a weighted sum of named ``RewardComponent`` rewards
+  whose raw scores are kept (``PPOModule`` logs them as ``rollout/score/<name>``).
 
 Every name is re-exported here: ``class_path: lightning_rlhf.rewards.RewardModelScorer`` keeps working.
 """
@@ -21,6 +23,7 @@ from lightning_rlhf.rewards.base import (
     reward_name,
     validate_scores,
 )
+from lightning_rlhf.rewards.combined import CombinedReward, RewardComponent
 from lightning_rlhf.rewards.rules import (
     DEFAULT_NEGATIVE_WORDS,
     DEFAULT_POSITIVE_WORDS,
@@ -29,7 +32,7 @@ from lightning_rlhf.rewards.rules import (
     LexiconSentimentReward,
 )
 from lightning_rlhf.rewards.scorer import RewardModelScorer, encode_scored_texts
-from lightning_rlhf.rewards.verifiable import MathAnswerReward, check_math_answer
+from lightning_rlhf.rewards.verifiable import MathAnswerReward, check_math_answer, last_match
 from lightning_rlhf.rewards.workers import CheckPool, CheckResults
 
 __all__ = [
@@ -40,15 +43,18 @@ __all__ = [
     "CharFractionReward",
     "CheckPool",
     "CheckResults",
+    "CombinedReward",
     "LengthReward",
     "LexiconSentimentReward",
     "MathAnswerReward",
     "Reward",
+    "RewardComponent",
     "RewardModelScorer",
     "call_reward",
     "check_math_answer",
     "encode_scored_texts",
     "fields_for",
+    "last_match",
     "reward_name",
     "validate_scores",
 ]
