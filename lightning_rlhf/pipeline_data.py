@@ -3,5 +3,6 @@
 from lightning_rlhf.compat import warn_moved
 from lightning_rlhf.data.examples import *  # noqa: F403
 from lightning_rlhf.data.preferences import *  # noqa: F403
+from lightning_rlhf.data.sft import *  # noqa: F403
 
 warn_moved(__name__, "lightning_rlhf.data")

@@ -149,9 +149,13 @@ def test_dataloader_collate_is_picklable(byt5):
 
 
 def test_exactly_one_source():
-    with pytest.raises(ValueError, match=r"exactly one of data\.prompts .* or data\.task"):
+    with pytest.raises(
+        ValueError, match=r"exactly one of data\.prompts .*, data\.task .* or data\.dataset / data\.data_files"
+    ):
         PromptDataModule()
-    with pytest.raises(ValueError, match=r"exactly one of data\.prompts .* or data\.task"):
+    with pytest.raises(
+        ValueError, match=r"exactly one of data\.prompts .*, data\.task .* or data\.dataset / data\.data_files"
+    ):
         PromptDataModule(prompts=["a"], task="sentiment")
     with pytest.raises(ValueError, match="unknown task 'imdb'"):
         PromptDataModule(task="imdb")
@@ -167,7 +171,12 @@ def test_exactly_one_source():
         ("empty.txt", "", r"data\.prompts: no prompts found"),
         ("gap.txt", "hello\n \nworld\n", r"data\.prompts: prompt gap\.txt:2 is empty"),
         ("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"data\.prompts: bad\.jsonl:2 is not valid JSON"),
-        ("field.jsonl", '{"text": "a"}\n', r'data\.prompts: field\.jsonl:1 has no "prompt" field'),
+        (
+            "field.jsonl",
+            '{"text": "a"}\n',
+            r"data\.prompts: row field\.jsonl:1 has no column 'prompt' \(its columns: \['text'\]\); set "
+            r"data\.prompt_key",
+        ),
         ("blank.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n', r"prompt blank\.jsonl:2 is empty"),
         ("msgs.jsonl", '{"prompt": [{"role": "user"}]}\n', r"prompt msgs\.jsonl:1 is a list; a prompt is text or"),
         ("prompts.csv", "a\n", r"must end in \.jsonl or \.txt"),
@@ -188,7 +197,7 @@ def test_file_errors(tmp_path, byt5, name, content, match):
 def test_missing_file_and_empty_list(tmp_path, byt5):
     with pytest.raises(ValueError, match=r"data\.prompts: file .*nope\.txt' does not exist"):
         PromptDataModule(prompts=str(tmp_path / "nope.txt"), tokenizer=byt5).setup("fit")
-    with pytest.raises(ValueError, match=r"data\.prompts: no prompts found in \[\]"):
+    with pytest.raises(ValueError, match=r"data\.prompts: no prompts found in data\.prompts=\[\]"):
         PromptDataModule(prompts=[], tokenizer=byt5).setup("fit")
 
 

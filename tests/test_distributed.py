@@ -7,12 +7,12 @@ weights of an uninterrupted run. Processes given the same prompt text sample dif
 """
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from dist_helpers import run_cli_fit
 
 TESTS = Path(__file__).resolve().parent
@@ -259,11 +259,13 @@ GROUP_METRICS = ("rollout/score", "rollout/zero_std_frac", "objective/kl", "loss
 def group_config(out_dir: Path, batch_size: int, max_steps: int, ckpt_dir: Path | None = None) -> dict:
     """GRPO with 4 samples per prompt and every statistic that crosses processes: the batch std of the returns, the
     KL as a loss term, and the constant-normalised token sums of Dr. GRPO's aggregation. The prompts come from a
-    .jsonl whose rows carry a field of their own, which the reward needs with each response."""
+    parquet dataset (written by ``datasets``) whose rows carry a column of their own, which the reward needs with
+    each response."""
     cfg = config(out_dir, batch_size, max_steps, ckpt_dir)
-    prompts = out_dir.with_suffix(".jsonl")
-    prompts.write_text("".join(json.dumps({"prompt": p, "reversed_prompt": p[::-1]}) + "\n" for p in PROMPTS))
-    cfg["data"]["init_args"]["prompts"] = str(prompts)
+    prompts = out_dir.with_suffix(".parquet")
+    Dataset.from_list([{"prompt": p, "reversed_prompt": p[::-1]} for p in PROMPTS]).to_parquet(str(prompts))
+    del cfg["data"]["init_args"]["prompts"]
+    cfg["data"]["init_args"]["data_files"] = str(prompts)
     cfg["model"]["init_args"]["reward"] = {"class_path": "dist_helpers.CharFractionNeedingPromptFields"}
     init = cfg["model"]["init_args"]
     init["generation"] = {"max_new_tokens": 5, "samples_per_prompt": 4, "stop_token_ids": list(range(100, 200))}
@@ -336,6 +338,7 @@ def test_filtered_groups_keep_every_process_in_step(tmp_path):
     cfg = group_config(tmp_path / "filtered", batch_size=2, max_steps=2)
     cfg["model"]["init_args"]["ppo"] |= {"filter_zero_std_groups": True, "group_std_norm": "group"}
     cfg["model"]["init_args"]["reward"] = {"class_path": "dist_helpers.SameScoreForSamePrompts"}
+    del cfg["data"]["init_args"]["data_files"]
     cfg["data"]["init_args"]["prompts"] = ["Same one", "abc", "Same two", "Tell me ", *PROMPTS[4:]]
     out = run_cli(tmp_path, "filtered", cfg, *two_processes("fsdp2"))
     rows = metrics(out)

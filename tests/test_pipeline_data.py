@@ -207,7 +207,11 @@ def test_synthetic_sources(byt5):
 
 def test_file_rows_are_named_in_errors(byt5, tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a"}])
-    with pytest.raises(ValueError, match=r"sft.jsonl:2 must be an object with the fields prompt, response"):
+    with pytest.raises(
+        ValueError,
+        match=r"sft\.jsonl:2 needs the columns 'prompt' and 'response' or 'completion', or 'messages'; it has "
+        r"\['prompt'\]",
+    ):
         sft(byt5, path)
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}, "{not json"])
     with pytest.raises(ValueError, match=r"sft.jsonl:2 is not valid JSON"):

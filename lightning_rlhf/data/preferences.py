@@ -6,7 +6,8 @@ tokens, chat as the rendered conversation ``prompt messages + assistant response
 it in PPO with ``use_chat_template: true``; the scorer sees only the last user message, so keep such prompts
 single-turn). Over-long sequences keep their last ``max_length`` tokens, as the scorer does, when
 ``truncation="left"``. Loading, validation and the validation split are those of
-:class:`~lightning_rlhf.data.examples.ExampleDataModule`.
+:class:`~lightning_rlhf.data.examples.ExampleDataModule`; a row's layout (explicit or implicit prompt, text or
+conversational) is read by :func:`~lightning_rlhf.data.formats.preference_row`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.common import need_chat_template
-from lightning_rlhf.data.examples import ExampleDataModule, Row
+from lightning_rlhf.data.examples import ExampleDataModule, Row, check_row, too_long
+from lightning_rlhf.data.formats import preference_row
+from lightning_rlhf.data.sources import DataFiles
 from lightning_rlhf.rewards.scorer import encode_scored_texts
 from lightning_rlhf.synthetic import WORLD
 
@@ -54,6 +57,45 @@ class PreferenceCollator:
         return batch
 
 
+class PreferenceEncoder:
+    """:data:`~lightning_rlhf.data.examples.RowEncoder` of preference pairs: the row's layout, its check, then the
+    scorer's encoding of both sides with ``max_length`` applied (and the margin, when ``margin_key`` is set)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        keys: tuple[str, str, str],
+        margin_key: str | None,
+        max_length: int,
+        truncation: str,
+        option: str,
+    ) -> None:
+        self.tokenizer, self.keys, self.margin_key = tokenizer, keys, margin_key
+        self.max_length, self.truncation, self.option = max_length, truncation, option
+
+    def __call__(self, row: Any, label: str) -> dict[str, Any]:
+        fields = ("prompt", "chosen", "rejected")
+        if not isinstance(row, dict):
+            check_row(row, label, fields, self.option)  # raises: not an object
+        row = preference_row(row, *self.keys, label, self.option)
+        check_row(row, label, fields, self.option, self.margin_key)
+        if isinstance(row["prompt"], list):
+            need_chat_template(self.tokenizer, label, self.option)
+        item: dict[str, Any] = {}
+        chosen, rejected = encode_scored_texts([row["prompt"]] * 2, [row["chosen"], row["rejected"]], self.tokenizer)
+        for side, ids in (("chosen", chosen), ("rejected", rejected)):
+            if len(ids) > self.max_length:
+                if self.truncation == "error":
+                    raise too_long(
+                        self.option, f"{label} ({side})", len(ids), self.max_length, "set data.truncation=left"
+                    )
+                ids = ids[-self.max_length :]
+            item[f"{side}_ids"] = ids
+        if self.margin_key is not None:
+            item["margin"] = float(row[self.margin_key])
+        return item
+
+
 class PreferenceDataModule(ExampleDataModule):
     """(prompt, chosen, rejected) preference pairs for reward-model training, served as right-padded batches.
 
@@ -61,9 +103,19 @@ class PreferenceDataModule(ExampleDataModule):
     (masks bool, True = real token), plus ``"margin"`` (B,) float32 when ``margin_key`` is set.
 
     Args:
-        pairs: a .jsonl file with ``{"prompt": text or chat messages, "chosen": text, "rejected": text}`` per line,
-            or an inline list of such objects.
+        pairs: a .jsonl file with ``{"prompt": text or chat messages, "chosen": text, "rejected": text}`` per line
+            (or another layout below), or an inline list of such objects.
         synthetic: use the synthetic world's pairs (:meth:`SyntheticWorld.preference_pairs`) instead.
+        dataset: a Hugging Face dataset: a hub id (``trl-lib/ultrafeedback_binarized``), a ``save_to_disk``
+            directory, or the builder of ``data_files``.
+        data_files: local dataset files (parquet, jsonl/json, csv, arrow).
+        split: the dataset split.
+        subset: the dataset's configuration name.
+        prompt_key: the prompt column; a dataset without it has an implicit prompt: the beginning ``chosen`` and
+            ``rejected`` share (text, or the messages before the last, differing, assistant turn).
+        chosen_key: the chosen response column (text, or one assistant message with an explicit prompt).
+        rejected_key: the rejected response column.
+        num_proc: processes that tokenise a dataset (``datasets.map``, cached).
         num_pairs: how many synthetic pairs to generate.
         label_noise: share of synthetic pairs whose label is flipped (the worse response marked chosen).
         margin_key: a numeric field of every row used as the Bradley-Terry target margin (Llama 2); None = no margin.
@@ -80,12 +132,19 @@ class PreferenceDataModule(ExampleDataModule):
 
     option = "pairs"
     count_option = "num_pairs"
-    fields = ("prompt", "chosen", "rejected")
 
     def __init__(
         self,
         pairs: str | list[Row] | None = None,
         synthetic: bool = False,
+        dataset: str | None = None,
+        data_files: DataFiles | None = None,
+        split: str = "train",
+        subset: str | None = None,
+        prompt_key: str = "prompt",
+        chosen_key: str = "chosen",
+        rejected_key: str = "rejected",
+        num_proc: int | None = None,
         num_pairs: int = 2048,
         label_noise: float = 0.1,
         margin_key: str | None = None,
@@ -105,30 +164,33 @@ class PreferenceDataModule(ExampleDataModule):
         if synthetic and margin_key is not None:
             raise ValueError("data.margin_key needs data.pairs with that field; synthetic pairs have no margin.")
         super().__init__(
-            pairs, synthetic, num_pairs, val_fraction, batch_size, max_length, shuffle, num_workers, seed, tokenizer
+            pairs,
+            synthetic,
+            num_pairs,
+            val_fraction,
+            batch_size,
+            max_length,
+            shuffle,
+            num_workers,
+            seed,
+            tokenizer,
+            dataset,
+            data_files,
+            split,
+            subset,
+            num_proc,
         )
         self.label_noise = label_noise
         self.margin_key = margin_key
         self.truncation = truncation
-        self.number_field = margin_key
+        self.keys = (prompt_key, chosen_key, rejected_key)
 
     def _synthetic_rows(self) -> list[Row]:
         return WORLD.preference_pairs(self.num_examples, self.seed, self.label_noise)
 
-    def _encode(self, row: Row, label: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-        if isinstance(row["prompt"], list):
-            need_chat_template(tokenizer, label, self.option)
-        item: dict[str, Any] = {}
-        chosen, rejected = encode_scored_texts([row["prompt"]] * 2, [row["chosen"], row["rejected"]], tokenizer)
-        for side, ids in (("chosen", chosen), ("rejected", rejected)):
-            if len(ids) > self.max_length:
-                if self.truncation == "error":
-                    raise self._too_long(f"{label} ({side})", len(ids), "set data.truncation=left")
-                ids = ids[-self.max_length :]
-            item[f"{side}_ids"] = ids
-        if self.margin_key is not None:
-            item["margin"] = float(row[self.margin_key])
-        return item
+    def encoder(self, tokenizer: PreTrainedTokenizerBase) -> PreferenceEncoder:
+        option = "dataset" if self.dataset is not None else self.option
+        return PreferenceEncoder(tokenizer, self.keys, self.margin_key, self.max_length, self.truncation, option)
 
     def _collator(self) -> PreferenceCollator:
         return PreferenceCollator(self._pad_token_id)

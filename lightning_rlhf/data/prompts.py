@@ -1,87 +1,61 @@
 """Prompt data for PPO: load, tokenize and validate every prompt up front, then serve left-padded batches.
 
 Sources: a ``.jsonl`` file (a ``"prompt"`` field per line: text, or a list of chat messages), a ``.txt`` file (one
-prompt per line, kept verbatim, trailing spaces included), an inline Python list, or a built-in task
-(:mod:`lightning_rlhf.tasks`).
+prompt per line, kept verbatim, trailing spaces included), an inline Python list (prompts, or rows
+``{"prompt": ..., **fields}``), a built-in task (:mod:`lightning_rlhf.tasks`), or a Hugging Face dataset (a hub id,
+a ``save_to_disk`` directory or local parquet / JSON / CSV / Arrow files: :mod:`lightning_rlhf.data.sources`), whose
+``prompt`` column (``prompt_key``) or ``messages`` conversation is the prompt (:mod:`lightning_rlhf.data.formats`).
 
-**Prompt fields.** Every other field of a ``.jsonl`` row (``{"prompt": ..., "answer": "42", "level": 3}``) travels
-with its prompt: batches carry them as ``"fields": {name: [one value per prompt]}``, and the reward receives those it
-names, one value per response (:func:`lightning_rlhf.rewards.call_reward`). Only the fields every row has travel
-(a field some rows lack is left out, with a warning).
+**Prompt fields.** Every other field of a row (``{"prompt": ..., "answer": "42", "level": 3}``, a dataset's other
+columns, a task's answers) travels with its prompt: batches carry them as ``"fields": {name: [one value per
+prompt]}``, and the reward receives those it names, one value per response (:func:`lightning_rlhf.rewards.call_reward`).
+Only the fields every row has travel (a field some rows lack is left out, with a warning).
 
 Tokenization, chosen so the policy continues the prompt rather than a finished sequence:
 
 - **Text** is encoded with the tokenizer's special tokens minus a trailing EOS (:mod:`lightning_rlhf.data.common`).
 - **Chat messages** go through ``apply_chat_template(..., add_generation_prompt=True)`` and are encoded without adding
   special tokens (the template writes its own). Rewards receive the content of the last user message as the prompt
-  text, so a chat-formatted reward model can apply its own template.
+  text, so a chat-formatted reward model can apply its own template. ``apply_chat_template: true`` makes every text
+  prompt a user message (after ``system_prompt``, if given); ``prompt_template`` rewrites the text first.
 - **Left truncation** (``truncation="left"``) keeps the last ``max_prompt_length`` tokens, which drops a BOS; rewards
   still see the full prompt text.
+
+A dataset is tokenised once by ``datasets.map`` (``num_proc`` processes, cached on disk: a second run reads the
+cache) and read row by row from its memory-mapped table. Checkpoints store the rows' fingerprint; resuming over
+different rows warns, naming them.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rlhf.data.common import (
-    Prompt,
-    check_counts,
-    encode_text_prompts,
-    is_chat,
-    need_chat_template,
-    pad_token_id,
-    parse_jsonl,
-    read_lines,
-    resolve_tokenizer,
+from lightning_rlhf.data.common import check_counts, pad_token_id, resolve_tokenizer
+from lightning_rlhf.data.formats import prompt_columns, row_prompt, templated
+from lightning_rlhf.data.prompt_rows import (
+    ArrowPromptRows,
+    Fields,
+    LeftPadCollator,
+    PromptEncoder,
+    PromptRows,
+    check_field_names,
+    check_prompt,
+    read_prompt_file,
+    reward_text,
+    row_fields,
+    tokenize_prompts,
 )
+from lightning_rlhf.data.sources import DataFiles, DatasetSource, check_columns, check_fingerprint, fingerprint
 from lightning_rlhf.errors import list_rows
-from lightning_rlhf.rewards import RESERVED_FIELDS
 from lightning_rlhf.tasks import get_task
-
-Fields = dict[str, list[Any]]
-"""Prompt fields by name, one value per prompt row."""
-
-
-class LeftPadCollator:
-    """Collate ``{"input_ids": list[int], "prompt": str, "index": int, "fields": dict}`` rows into a left-padded
-    :class:`PromptDataModule` batch (rows without ``"index"`` give no ``prompt_index``, rows without ``"fields"`` no
-    ``fields``).
-
-    A top-level class rather than a closure so it pickles (worker processes, DDP spawn).
-
-    Args:
-        pad_token_id: the id written in padding positions (masked out, so any valid id works).
-    """
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor | list[str]]:
-        """Returns ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool, "prompts": list[str],
-        "prompt_index": (B,) long, "fields": {name: list of B values}}``: each row's index in the dataset names its
-        responses' random streams (:func:`lightning_rlhf.functional.random_streams.response_keys`)."""
-        width = max(len(r["input_ids"]) for r in rows)
-        prompt_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, P)
-        prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, P), True = real token
-        for b, row in enumerate(rows):
-            n = len(row["input_ids"])
-            prompt_ids[b, width - n :] = torch.tensor(row["input_ids"], dtype=torch.long)
-            prompt_mask[b, width - n :] = True
-        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompts": [r["prompt"] for r in rows]}
-        if all("index" in r for r in rows):
-            batch["prompt_index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
-        if rows[0].get("fields"):
-            batch["fields"] = {name: [r["fields"][name] for r in rows] for name in rows[0]["fields"]}
-        return batch
 
 
 class ResumableSampler(DistributedSampler):
@@ -125,108 +99,34 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[skip:])
 
 
-class _PromptDataset(Dataset):
-    def __init__(self, input_ids: list[list[int]], texts: list[str], fields: Fields) -> None:
-        self.input_ids, self.texts, self.fields = input_ids, texts, fields
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = {"input_ids": self.input_ids[index], "prompt": self.texts[index], "index": index}
-        if self.fields:
-            row["fields"] = {name: values[index] for name, values in self.fields.items()}
-        return row
-
-
-def _read_prompt_file(path: Path) -> tuple[list[Any], list[str], Fields]:
-    """Raw prompts of a .jsonl or .txt file, a label per prompt (``"file:line"``) for error messages, and the rows'
-    other fields (:func:`_prompt_fields`; none for .txt)."""
-    lines = read_lines(path, "prompts", (".jsonl", ".txt"))
-    if path.suffix == ".txt":  # one prompt per line, verbatim (trailing spaces included)
-        return lines, [f"{path.name}:{i}" for i in range(1, len(lines) + 1)], {}
-    records, labels = parse_jsonl(lines, path.name, "prompts")
-    for record, label in zip(records, labels, strict=True):
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise ValueError(f'data.prompts: {label} has no "prompt" field; each line needs {{"prompt": ...}}.')
-    return [record["prompt"] for record in records], labels, _prompt_fields(records, labels)
-
-
-def _prompt_fields(records: list[dict[str, Any]], labels: list[str]) -> Fields:
-    """The fields every row has besides ``"prompt"``, as lists; none may be named like a reward argument
-    (:data:`~lightning_rlhf.rewards.RESERVED_FIELDS`). A field only some rows have is left out, with a warning that
-    names it and a row without it (a reward that needs it then says it is missing)."""
-    names = [key for key in records[0] if key != "prompt"]
-    for record in records[1:]:
-        names += [key for key in record if key != "prompt" and key not in names]
-    if reserved := [name for name in names if name in RESERVED_FIELDS]:
-        raise ValueError(
-            f"data.prompts: a row has a field named {reserved[0]!r}, a name the reward's own arguments take "
-            f"({', '.join(RESERVED_FIELDS)}); rename the field."
-        )
-    fields: Fields = {}
-    for name in names:
-        lacking = [label for record, label in zip(records, labels, strict=True) if name not in record]
-        if lacking:
-            warnings.warn(
-                f"data.prompts: field {name!r} is missing from {len(lacking)} of {len(records)} rows (first: "
-                f"{lacking[0]}); only the fields every row has reach the reward, so {name!r} is left out.",
-                stacklevel=3,
-            )
-        else:
-            fields[name] = [record[name] for record in records]
-    return fields
-
-
-def _check_prompt(prompt: Any, label: str) -> None:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(f"data.prompts: prompt {label} is empty; remove it or give it text.")
-        return
-    if not is_chat(prompt):
-        raise ValueError(
-            f"data.prompts: prompt {label} is a {type(prompt).__name__}; a prompt is text or a non-empty list of "
-            f'chat messages {{"role": str, "content": str}}.'
-        )
-    if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
-        raise ValueError(f"data.prompts: prompt {label} has no user message with content.")
-
-
-def _reward_text(prompt: Prompt) -> str:
-    """The prompt text rewards see: the text itself, or the content of the last user message."""
-    if isinstance(prompt, str):
-        return prompt
-    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-
-
-def _tokenize(prompts: list[Prompt], labels: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids of each prompt (not truncated), see the module docstring for the rules.
-
-    Raises:
-        ValueError: if a chat prompt is given and the tokenizer has no chat template.
-    """
-    chats = [(p, label) for p, label in zip(prompts, labels, strict=True) if not isinstance(p, str)]
-    if chats:
-        need_chat_template(tokenizer, chats[0][1], "prompts")
-    text_ids = iter(encode_text_prompts([p for p in prompts if isinstance(p, str)], tokenizer))
-    rendered = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c, _ in chats]
-    chat_ids = iter(tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else [])
-    return [next(text_ids) if isinstance(p, str) else list(next(chat_ids)) for p in prompts]
-
-
 class PromptDataModule(LightningDataModule):
     """Prompts for PPO rollouts, served as left-padded batches.
 
-    Give exactly one of ``prompts`` or ``task``. All prompts are loaded, tokenized and checked in ``setup`` so a bad
-    row fails before any training. Each batch is ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool (True =
-    real token), "prompts": list[str], "prompt_index": (B,) long}``, left-padded to the longest prompt of the batch;
-    ``prompt_index`` is each prompt's row in the data, which names its responses' random streams. Rows with fields of
-    their own (a ``.jsonl`` row's fields beside ``"prompt"``) add ``"fields": {name: list}``, which reach the reward.
+    Give exactly one source: ``prompts``, ``task``, or a Hugging Face dataset (``dataset`` and/or ``data_files``).
+    All prompts are loaded, tokenized and checked in ``setup`` so a bad row fails before any training. Each batch is
+    ``{"prompt_ids": (B, P) long, "prompt_mask": (B, P) bool (True = real token), "prompts": list[str],
+    "prompt_index": (B,) long}``, left-padded to the longest prompt of the batch; ``prompt_index`` is each prompt's
+    row in the data, which names its responses' random streams. Rows with fields of their own (every column but the
+    prompt) add ``"fields": {name: list}``, which reach the reward.
 
     Args:
         prompts: path of a .jsonl file (a "prompt" field per line: text or a list of chat messages; its other fields
-            reach the reward) or a .txt file (one prompt per line), or an inline list of prompts.
-        task: name of a built-in task (lowercase, sentiment) whose generated prompts to use instead.
+            reach the reward) or a .txt file (one prompt per line), or an inline list of prompts or of rows
+            ``{"prompt": ..., **fields}``.
+        task: name of a built-in task (lowercase, sentiment, arithmetic) whose generated prompts to use instead.
+        dataset: a Hugging Face dataset: a hub id (``openai/gsm8k``), a ``save_to_disk`` directory, or the builder
+            of ``data_files`` (``parquet``, ``json``, ``csv``, ``arrow``).
+        data_files: local dataset files (a path, a list, or paths by split); the extension names the format.
+        split: the dataset split (``train``, ``test``, ``train[:1000]``).
+        subset: the dataset's configuration name (``load_dataset(name=...)``), e.g. ``main`` for GSM8K.
+        prompt_key: the column (or row field) holding the prompt; without it a ``messages`` column is used, up to its
+            last user turn. Every other column is a prompt field.
+        prompt_template: rewrites each prompt's text (a chat prompt's last user message): ``{prompt}`` is replaced by
+            it, e.g. ``"{prompt} Put the final answer in \\boxed{}."``.
+        apply_chat_template: make each text prompt a user message, rendered by the tokenizer's chat template (for
+            instruct models).
+        system_prompt: with ``apply_chat_template``, a system message before each prompt.
+        num_proc: processes that tokenise a dataset (``datasets.map``); None = this process.
         num_prompts: how many prompts to generate for ``task``.
         batch_size: prompts per rollout and per device; constant (the last incomplete batch is dropped).
         max_prompt_length: longest prompt in tokens; longer ones are an error or left-truncated (see ``truncation``).
@@ -241,8 +141,17 @@ class PromptDataModule(LightningDataModule):
 
     def __init__(
         self,
-        prompts: str | list[str] | list[list[dict]] | None = None,
+        prompts: str | list[str] | list[list[dict]] | list[dict] | None = None,
         task: str | None = None,
+        dataset: str | None = None,
+        data_files: DataFiles | None = None,
+        split: str = "train",
+        subset: str | None = None,
+        prompt_key: str = "prompt",
+        prompt_template: str | None = None,
+        apply_chat_template: bool = False,
+        system_prompt: str | None = None,
+        num_proc: int | None = None,
         num_prompts: int = 1024,
         batch_size: int = 8,
         max_prompt_length: int = 128,
@@ -253,17 +162,33 @@ class PromptDataModule(LightningDataModule):
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
-        if (prompts is None) == (task is None):
-            raise ValueError("give exactly one of data.prompts (a file or a list) or data.task (a built-in task name).")
+        from_dataset = dataset is not None or data_files is not None
+        if (prompts is not None) + (task is not None) + from_dataset != 1:
+            raise ValueError(
+                "give exactly one of data.prompts (a file or a list), data.task (a built-in task name) or "
+                "data.dataset / data.data_files (a Hugging Face dataset)."
+            )
         if task is not None:
             get_task(task)
         if truncation not in ("error", "left"):
             raise ValueError(f"data.truncation must be 'error' or 'left', got {truncation!r}.")
+        if system_prompt is not None and not apply_chat_template:
+            raise ValueError("data.system_prompt needs data.apply_chat_template=true (it is a chat message).")
         check_counts(
-            num_prompts=num_prompts, batch_size=batch_size, max_prompt_length=max_prompt_length, num_workers=num_workers
+            num_prompts=num_prompts,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            num_workers=num_workers,
+            **({} if num_proc is None else {"num_proc": num_proc}),
         )
         self.prompts = prompts
         self.task = task
+        self.source = DatasetSource(dataset, data_files, split, subset, "dataset") if from_dataset else None
+        self.prompt_key = prompt_key
+        self.prompt_template = prompt_template
+        self.apply_chat_template = apply_chat_template
+        self.system_prompt = system_prompt
+        self.num_proc = num_proc
         self.num_prompts = num_prompts
         self.batch_size = batch_size
         self.max_prompt_length = max_prompt_length
@@ -272,7 +197,8 @@ class PromptDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer = tokenizer
-        self._dataset: _PromptDataset | None = None
+        self._dataset: PromptRows | ArrowPromptRows | None = None
+        self._fingerprint: str | None = None
         self._pad_token_id = 0
 
     @property
@@ -282,7 +208,7 @@ class PromptDataModule(LightningDataModule):
 
     @property
     def prompt_fields(self) -> Fields:
-        """Every row's own fields (a ``.jsonl`` row's fields but ``"prompt"``), by name (available after ``setup``)."""
+        """Every row's own fields (all but the prompt), by name (available after ``setup``)."""
         return self._loaded().fields
 
     @property
@@ -290,55 +216,128 @@ class PromptDataModule(LightningDataModule):
         """The (possibly truncated) token ids of every row (available after ``setup``)."""
         return self._loaded().input_ids
 
-    def _loaded(self) -> _PromptDataset:
+    @property
+    def rows(self) -> PromptRows | ArrowPromptRows:
+        """The loaded prompt rows, a map-style dataset (available after ``setup``)."""
+        return self._loaded()
+
+    @property
+    def fingerprint(self) -> str:
+        """An identifier of the rows (available after ``setup``); checkpoints store it and resuming compares it."""
+        self._loaded()
+        assert self._fingerprint is not None
+        return self._fingerprint
+
+    def _loaded(self) -> PromptRows | ArrowPromptRows:
         if self._dataset is None:
             raise RuntimeError("PromptDataModule.setup() has not run yet; prompts load there.")
         return self._dataset
 
-    def _raw_prompts(self) -> tuple[list[Any], list[str], Fields]:
+    def describe(self) -> str:
+        """The prompt source in one phrase, for messages."""
+        if self.source is not None:
+            return self.source.describe()
+        return f"data.task={self.task!r}" if self.task is not None else f"data.prompts={self.prompts!r}"[:200]
+
+    def _raw_rows(self) -> tuple[list[Any], list[str]]:
+        """The source's rows: dicts with the prompt under ``prompt_key`` (and fields), or bare prompts."""
         if self.task is not None:
-            prompts = get_task(self.task).prompts(self.num_prompts, self.seed)
-            return prompts, [f"{self.task}[{i}]" for i in range(len(prompts))], {}
+            rows = get_task(self.task).rows(self.num_prompts, self.seed)
+            return rows, [f"{self.task}[{i}]" for i in range(len(rows))]
         if isinstance(self.prompts, str | Path):
-            return _read_prompt_file(Path(self.prompts))
+            return read_prompt_file(Path(self.prompts))
         if not isinstance(self.prompts, list | tuple):
             raise ValueError(f"data.prompts must be a path or a list, got {type(self.prompts).__name__}.")
-        return list(self.prompts), [f"prompts[{i}]" for i in range(len(self.prompts))], {}
+        return list(self.prompts), [f"prompts[{i}]" for i in range(len(self.prompts))]
 
-    def _fit_length(self, ids: list[list[int]], labels: list[str]) -> list[list[int]]:
+    def _check_lengths(self, lengths: np.ndarray, labels: Callable[[int], str]) -> None:
         limit = self.max_prompt_length
-        too_long = [f"{label} ({len(x)} tokens)" for x, label in zip(ids, labels, strict=True) if len(x) > limit]
-        if too_long and self.truncation == "error":
+        if self.truncation == "error" and len(too_long := np.flatnonzero(lengths > limit)):
+            rows = [f"{labels(int(i))} ({int(lengths[i])} tokens)" for i in too_long[:8]]
             raise ValueError(
                 f"{len(too_long)} prompts are longer than data.max_prompt_length={limit} tokens: "
-                f"{list_rows(too_long)}; raise data.max_prompt_length, shorten them, or set data.truncation=left to "
+                f"{list_rows(rows)}; raise data.max_prompt_length, shorten them, or set data.truncation=left to "
                 f"keep their last {limit} tokens."
             )
-        return [x[-limit:] for x in ids]
+
+    def _load_rows(self, tokenizer: PreTrainedTokenizerBase) -> PromptRows:
+        rows, labels = self._raw_rows()
+        if not rows:
+            raise ValueError(f"data.prompts: no prompts found in {self.describe()}.")
+        records = [row for row in rows if isinstance(row, dict)]
+        if records and len(records) != len(rows):
+            raise ValueError('data.prompts: give every row as {"prompt": ..., **fields} or none of them.')
+        if records:
+            rows = [row_prompt(row, self.prompt_key, label, "prompts") for row, label in zip(rows, labels, strict=True)]
+        prompts = [templated(p, self.prompt_template, self.apply_chat_template, self.system_prompt) for p in rows]
+        for prompt, label in zip(prompts, labels, strict=True):
+            check_prompt(prompt, label)
+        column = prompt_columns(list(records[0]), self.prompt_key) if records else self.prompt_key
+        fields = row_fields(records, labels, column, "prompts") if records else {}
+        ids = tokenize_prompts(prompts, labels, tokenizer)
+        self._check_lengths(np.array([len(x) for x in ids]), labels.__getitem__)
+        self._fingerprint = fingerprint([prompts, fields])
+        return PromptRows([x[-self.max_prompt_length :] for x in ids], [reward_text(p) for p in prompts], fields)
+
+    def _load_dataset(self, tokenizer: PreTrainedTokenizerBase) -> ArrowPromptRows:
+        assert self.source is not None
+        rows = self.source.load()
+        column = prompt_columns(rows.column_names, self.prompt_key)
+        check_columns(rows, {column: "prompt_key"}, self.source)
+        fields = [name for name in rows.column_names if name != column]
+        check_field_names(fields, "dataset")
+        self._fingerprint = fingerprint(rows)
+        encoder = PromptEncoder(
+            tokenizer,
+            self.prompt_key,
+            self.prompt_template,
+            self.apply_chat_template,
+            self.system_prompt,
+            self.source.split,
+        )
+        encoded = rows.map(
+            encoder,
+            batched=True,
+            with_indices=True,
+            num_proc=self.num_proc,
+            remove_columns=[column],
+            desc="Tokenizing prompts",
+        )
+        dataset = ArrowPromptRows(encoded, fields, self.max_prompt_length)
+        self._check_lengths(dataset.lengths(), lambda i: f"{self.source.split}[{i}]")
+        return dataset
+
+    def prepare_data(self) -> None:
+        """Download and tokenise a Hugging Face dataset once per machine (Lightning calls this on one process per
+        node before ``setup``), so every process's ``setup`` reads the cache instead of tokenising it again."""
+        if self.source is not None:
+            self._load_dataset(resolve_tokenizer(self))
 
     def setup(self, stage: str | None = None) -> None:
         """Load, tokenize and validate every prompt (once; later calls do nothing).
 
         Raises:
-            ValueError: naming the ``data.*`` field and the row, for a missing or empty file, no prompts, an empty or
-                malformed prompt, a chat prompt without a chat template, a prompt longer than ``max_prompt_length``
-                under ``truncation="error"``, or fewer prompts per device than ``batch_size``.
+            ValueError: naming the ``data.*`` field and the row, for a missing or empty file or split, a missing
+                column, no prompts, an empty or malformed prompt, a chat prompt without a chat template, a prompt
+                longer than ``max_prompt_length`` under ``truncation="error"``, or fewer prompts per device than
+                ``batch_size``.
         """
         if self._dataset is not None:
             return
         tokenizer = resolve_tokenizer(self)
-        prompts, labels, fields = self._raw_prompts()
-        if not prompts:
-            raise ValueError(f"data.prompts: no prompts found in {self.prompts!r}.")
-        for prompt, label in zip(prompts, labels, strict=True):
-            _check_prompt(prompt, label)
-        ids = _tokenize(prompts, labels, tokenizer)
-        if no_tokens := [label for x, label in zip(ids, labels, strict=True) if not x]:
-            raise ValueError(f"data.prompts: prompt {list_rows(no_tokens)} encodes to no tokens.")
-        ids = self._fit_length(ids, labels)
-        self._check_batch_size(len(ids))
+        dataset = self._load_dataset(tokenizer) if self.source is not None else self._load_rows(tokenizer)
+        self._check_batch_size(len(dataset))
         self._pad_token_id = pad_token_id(tokenizer)
-        self._dataset = _PromptDataset(ids, [_reward_text(p) for p in prompts], fields)
+        self._dataset = dataset
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the rows' fingerprint, checked when the run resumes."""
+        return {} if self._fingerprint is None else {"fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when the rows differ from those the checkpoint was trained on (:func:`check_fingerprint`)."""
+        if self._fingerprint is not None:
+            check_fingerprint(state_dict.get("fingerprint"), self._fingerprint, self.describe())
 
     def _check_batch_size(self, num_prompts: int) -> None:
         world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
