@@ -244,3 +244,21 @@ def test_estimators_benchmark_builds_the_value_head_for_gae_only():
     head_bytes = (gae["config"]["hidden"] + 1) * 4
     assert gae["trained_param_bytes"] - grpo["trained_param_bytes"] == head_bytes
     assert gae["optimizer_state_bytes"] - grpo["optimizer_state_bytes"] == 2 * head_bytes + 2 * 4
+
+
+def test_large_dataset_benchmark_loads_caches_and_trains_on_the_dataset():
+    lines = run_script_lines(
+        "large_dataset.py",
+        *("--num-prompts", "64", "--num-proc", "2", "--steps", "1", "--epochs", "2", "--epoch-prompts", "32"),
+    )
+    assert [line["phase"] for line in lines] == ["write", "cold", "warm", "fit", "epochs"]
+    cold, warm, fit, epochs = lines[1:]
+    assert cold["rows"] == warm["rows"] == 64
+    assert warm["first_row"] == cold["first_row"] == {
+        "prompt": "Item 0: say something ",
+        "index": 0,
+        "fields": {"answer": "0"},
+    }
+    assert fit["steps"] == 1
+    assert len(epochs["rss_mib_after_epoch"]) == 2
+    assert all(line["peak_rss_mib"] > 0 and line["wall_s"] >= 0 for line in lines)

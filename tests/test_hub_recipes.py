@@ -134,3 +134,44 @@ def test_gpt2_recipe_runs_full_fine_tuning_with_a_classifier_reward(tmp_path, mo
     assert row["policy/updates"] == 4
     for name in ("rollout/score", "objective/kl", "loss/total", "policy/grad_norm"):
         assert math.isfinite(row[name]), name
+
+
+GSM8K_ROWS = [
+    {
+        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+    }
+    for a, b in [(3, 4), (10, 5), (7, 8), (1, 1), (2, 9), (6, 6), (12, 30), (4, 40)] * 2
+]
+"""Rows shaped like openai/gsm8k's (``question``; ``answer``, a worked solution ending in ``#### <number>``)."""
+
+
+def test_gsm8k_recipe_reads_a_dataset_and_checks_answers_against_its_reference(tmp_path, monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    tokenizer = byte_bpe(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    policy = save(
+        transformers.Qwen2ForCausalLM,
+        transformers.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True, **ids),
+        tokenizer,
+        tmp_path / "qwen2",
+    )
+    DatasetDict({"train": Dataset.from_list(GSM8K_ROWS)}).save_to_disk(str(tmp_path / "gsm8k"))
+    row = run_recipe(
+        "qwen2.5-0.5b-instruct_gsm8k_grpo.yaml",
+        tmp_path,
+        monkeypatch,
+        f"--model.policy.name_or_path={policy}",
+        f"--data.dataset={tmp_path / 'gsm8k'}",  # a local copy saved with save_to_disk, in place of the hub id
+    )
+    assert row["policy/updates"] == 4  # num_minibatches 4 of the recipe's 16 x 8 responses, one epoch
+    # No tiny random model gets an answer right or writes \boxed{}: every score is 0, and every reference was read
+    # (the reward raises for a reference its reference_pattern does not match, or a missing answer field).
+    assert row["rollout/score"] == 0.0
+    assert row["rollout/zero_std_frac"] == 1.0
+    for name in ("objective/kl", "loss/total"):
+        assert math.isfinite(row[name]), name
