@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
 from test_data import CHAT_TEMPLATE, b, word_tok  # noqa: F401  (word_tok is a fixture)
 
@@ -266,3 +267,42 @@ def test_jsonl_rows_still_read_with_line_numbers(tmp_path, byt5):
     path.write_text(json.dumps({"prompt": "ab", "answer": "1"}) + "\n")
     dm = loaded(byt5, prompts=str(path))
     assert dm.prompt_fields == {"answer": ["1"]}
+
+
+def test_a_fit_resumed_over_a_changed_dataset_warns_and_over_the_same_one_does_not(tmp_path, monkeypatch):
+    # Through the CLI, as users resume: the checkpoint stores the rows' fingerprint (the data module's state_dict),
+    # Lightning hands it back on --ckpt_path, and the data module compares it with the rows it loaded.
+    from test_cli import REPO, TINY_OVERRIDES
+
+    from lightning_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"say {word}: ", "answer": str(i)} for i, word in enumerate("abcdefgh")]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "prompts.parquet"))
+    data = ["--data.task=null", f"--data.data_files={tmp_path / 'prompts.parquet'}"]
+    fit = ["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), *TINY_OVERRIDES, *data]
+    main([*fit, f"--trainer.default_root_dir={tmp_path / 'first'}"])
+    (checkpoint,) = (tmp_path / "first").rglob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=True)["PromptDataModule"]
+    assert list(state) == ["fingerprint"]
+    resume = [*fit, "--trainer.max_steps=3", f"--ckpt_path={checkpoint}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([*resume, f"--trainer.default_root_dir={tmp_path / 'same'}"])
+    assert not [w for w in caught if "changed since the checkpoint" in str(w.message)]
+    Dataset.from_list([dict(row) for row in rows]).to_parquet(  # the same rows, a new file: no warning
+        str(tmp_path / "prompts.parquet")
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([*resume, f"--trainer.default_root_dir={tmp_path / 'rewritten'}"])
+    assert not [w for w in caught if "changed since the checkpoint" in str(w.message)]
+    Dataset.from_list([{**row, "prompt": row["prompt"].upper()} for row in rows]).to_parquet(
+        str(tmp_path / "prompts.parquet")
+    )
+    with pytest.warns(
+        UserWarning,
+        match=rf"data: the rows of data\.data_files='{tmp_path}/prompts\.parquet' "
+        r"\(split train\) changed since the checkpoint was written \(fingerprint \w+ -> \w+\)",
+    ):
+        main([*resume, f"--trainer.default_root_dir={tmp_path / 'changed'}"])

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
 """The ``datasets`` builder that reads each local file extension."""
+FINGERPRINT_BATCH = 65_536
+"""Rows per Arrow batch hashed by :func:`fingerprint` (fixed, so equal rows hash alike however they are stored)."""
 DataFiles = str | list[str] | dict[str, str | list[str]]
 """``data_files`` as ``load_dataset`` takes it: a path, a list of paths, or paths by split name."""
 
@@ -176,12 +178,22 @@ def check_columns(rows: Dataset, needed: dict[str, str], source: DatasetSource) 
 
 
 def fingerprint(rows: Dataset | list[Any]) -> str:
-    """An identifier of the rows: a dataset's own fingerprint (it changes with the files it was read from), or a
-    hash of in-memory rows (prompts, fields)."""
-    own = getattr(rows, "_fingerprint", None)  # datasets' content identifier; no public accessor exists
-    if isinstance(own, str):
-        return own
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+    """An identifier of the rows' content: a hash of a dataset's Arrow data (batches of 65,536 rows written as Arrow
+    IPC; 0.1 s for a million short rows), or of in-memory rows (prompts, fields) as JSON. Content, not the files'
+    names or times: the same rows copied elsewhere or rewritten give the same fingerprint (``datasets``' own
+    fingerprint of local files changes with their modification time)."""
+    digest = hashlib.blake2b(digest_size=8)
+    if isinstance(rows, list):
+        digest.update(json.dumps(rows, sort_keys=True, default=repr).encode())
+        return digest.hexdigest()
+    import pyarrow as pa  # datasets' own dependency
+
+    for batch in rows.with_format("arrow").iter(batch_size=FINGERPRINT_BATCH):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_table(batch)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()
 
 
 def check_fingerprint(saved: str | None, current: str, description: str) -> None:
