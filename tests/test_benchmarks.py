@@ -254,11 +254,15 @@ def test_large_dataset_benchmark_loads_caches_and_trains_on_the_dataset():
     assert [line["phase"] for line in lines] == ["write", "cold", "warm", "fit", "epochs"]
     cold, warm, fit, epochs = lines[1:]
     assert cold["rows"] == warm["rows"] == 64
-    assert warm["first_row"] == cold["first_row"] == {
-        "prompt": "Item 0: say something ",
-        "index": 0,
-        "fields": {"answer": "0"},
-    }
+    assert (
+        warm["first_row"]
+        == cold["first_row"]
+        == {
+            "prompt": "Item 0: say something ",
+            "index": 0,
+            "fields": {"answer": "0"},
+        }
+    )
     assert fit["steps"] == 1
     assert len(epochs["rss_mib_after_epoch"]) == 2
     assert all(line["peak_rss_mib"] > 0 and line["wall_s"] >= 0 for line in lines)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_cli import TINY_OVERRIDES
 from torch.testing import assert_close
 
 from lightning_rlhf.cli import main
@@ -199,18 +200,7 @@ model:
 """
 )
 """The quickstart's reward replaced by three components: a Reward, a Reward with arguments, a function at weight 0."""
-TINY = [
-    "--model.policy.tiny.hidden_size=32",
-    "--model.policy.tiny.intermediate_size=64",
-    "--model.generation.max_new_tokens=4",
-    "--model.ppo.ppo_epochs=1",
-    "--data.batch_size=4",
-    "--data.num_prompts=8",
-    "--trainer.max_steps=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.callbacks=[]",
-]
+TINY = [*TINY_OVERRIDES, "--trainer.callbacks=[]"]
 
 
 def write_config(tmp_path, config) -> str:

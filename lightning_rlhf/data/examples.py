@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.common import check_counts, is_chat, pad_token_id, read_jsonl, resolve_tokenizer
-from lightning_rlhf.data.sources import DataFiles, DatasetSource, RowMap, check_fingerprint, fingerprint
+from lightning_rlhf.data.sources import DataFiles, DatasetSource, FingerprintState, RowMap, fingerprint
 
 if TYPE_CHECKING:
     from datasets import Dataset as HFDataset
@@ -89,7 +89,7 @@ def take(items: EncodedRows | HFDataset, indices: list[int]) -> EncodedRows | HF
     return items.select(indices)
 
 
-class ExampleDataModule(LightningDataModule):
+class ExampleDataModule(FingerprintState, LightningDataModule):
     """Loading, validation, the validation split and the loaders shared by the SFT and preference data modules."""
 
     option: str
@@ -246,15 +246,6 @@ class ExampleDataModule(LightningDataModule):
         if self.val_fraction > 0 and not len(self._val):
             raise ValueError(f"data.val_fraction={self.val_fraction} of {len(items)} rows holds out no row; raise it.")
         self._pad_token_id = pad_token_id(tokenizer)
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the rows' fingerprint, checked when the run resumes."""
-        return {} if self._fingerprint is None else {"fingerprint": self._fingerprint}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Warn when the rows differ from those the checkpoint was trained on (:func:`check_fingerprint`)."""
-        if self._fingerprint is not None:
-            check_fingerprint(state_dict.get("fingerprint"), self._fingerprint, self.describe())
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches."""

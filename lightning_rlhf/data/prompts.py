@@ -53,7 +53,7 @@ from lightning_rlhf.data.prompt_rows import (
     row_fields,
     tokenize_prompts,
 )
-from lightning_rlhf.data.sources import DataFiles, DatasetSource, check_columns, check_fingerprint, fingerprint
+from lightning_rlhf.data.sources import DataFiles, DatasetSource, FingerprintState, check_columns, fingerprint
 from lightning_rlhf.errors import list_rows
 from lightning_rlhf.tasks import get_task
 
@@ -99,7 +99,7 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[skip:])
 
 
-class PromptDataModule(LightningDataModule):
+class PromptDataModule(FingerprintState, LightningDataModule):
     """Prompts for PPO rollouts, served as left-padded batches.
 
     Give exactly one source: ``prompts``, ``task``, or a Hugging Face dataset (``dataset`` and/or ``data_files``).
@@ -329,15 +329,6 @@ class PromptDataModule(LightningDataModule):
         self._check_batch_size(len(dataset))
         self._pad_token_id = pad_token_id(tokenizer)
         self._dataset = dataset
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the rows' fingerprint, checked when the run resumes."""
-        return {} if self._fingerprint is None else {"fingerprint": self._fingerprint}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Warn when the rows differ from those the checkpoint was trained on (:func:`check_fingerprint`)."""
-        if self._fingerprint is not None:
-            check_fingerprint(state_dict.get("fingerprint"), self._fingerprint, self.describe())
 
     def _check_batch_size(self, num_prompts: int) -> None:
         world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1

@@ -196,6 +196,26 @@ def fingerprint(rows: Dataset | list[Any]) -> str:
     return digest.hexdigest()
 
 
+class FingerprintState:
+    """A data module's checkpoint state: the fingerprint of its rows (set by its ``setup`` as ``_fingerprint``),
+    checked against the one a checkpoint stores when the run resumes. Mixed in before ``LightningDataModule``."""
+
+    _fingerprint: str | None = None
+
+    def describe(self) -> str:
+        """The data's source in one phrase, for messages."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the rows' fingerprint, checked when the run resumes."""
+        return {} if self._fingerprint is None else {"fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when the rows differ from those the checkpoint was trained on (:func:`check_fingerprint`)."""
+        if self._fingerprint is not None:
+            check_fingerprint(state_dict.get("fingerprint"), self._fingerprint, self.describe())
+
+
 def check_fingerprint(saved: str | None, current: str, description: str) -> None:
     """Warn when a resumed run's rows (``current``) are not the rows its checkpoint was trained on (``saved``)."""
     if saved is not None and saved != current:
