@@ -9,14 +9,14 @@ resolved ``config.yaml`` and the ``checkpoints/``; the root is ``--trainer.defau
 from __future__ import annotations
 
 import sys
-import traceback
-from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+
+from lightning_rlhf.errors import package_error
 
 DEFAULT_RUN_DIR = "runs"
 """Where runs go when neither ``--trainer.default_root_dir`` nor the logger's ``save_dir`` says otherwise."""
@@ -143,26 +143,6 @@ def run_cli(args: list[str] | None) -> None:
         },
         args=args,
     )
-
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def package_error(error: BaseException) -> BaseException | None:
-    """The deepest ``ValueError`` / ``TypeError`` in ``error``'s chain of causes that this package raised (its
-    traceback ends in a file of the package), or None."""
-    found, seen, current = None, set(), error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        frames = traceback.extract_tb(current.__traceback__)
-        if (
-            isinstance(current, (ValueError, TypeError))
-            and frames
-            and Path(frames[-1].filename).is_relative_to(PACKAGE_DIR)
-        ):
-            found = current
-        current = current.__cause__ or current.__context__
-    return found
 
 
 if __name__ == "__main__":

@@ -642,6 +642,7 @@ class PPOModule(LightningModule):
         metrics["perf/rollout_sec"] = rollout_seconds
         metrics["perf/iteration_sec"] = seconds
         metrics["objective/kl_coef"] = self.kl_ctl.value
+        metrics["rollout/skipped"] = 0.0  # logged every iteration: a logger keeps a key's last value otherwise
         metrics.update({name: float(value) for name, value in self._update_counts.items()})
         self.kl_ctl.update(metrics["objective/kl"], n_steps=len(rollout) * self.trainer.world_size)
         progress = {"rollout/score", "objective/kl"}

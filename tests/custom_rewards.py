@@ -19,3 +19,8 @@ class LengthRewardPPO(PPOModule):
 def vowel_share(prompts, responses):
     """A plain function reward: share of vowels in each response."""
     return torch.tensor([sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses])
+
+
+def exact_answer(prompts, responses, *, answer):
+    """A function reward that names a prompt field: 1.0 where the stripped response is the row's answer."""
+    return torch.tensor([float(r.strip() == a) for r, a in zip(responses, answer, strict=True)])

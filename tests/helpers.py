@@ -38,3 +38,23 @@ def check_that_hangs_dies_or_raises(item: str) -> str:
     if item == "raise":
         raise ValueError("a check that raises")
     return item * 2
+
+
+def save_tiny_reward_model(path: Any, tokenizer: Any, pad_token_id: int | None, num_labels: int = 1) -> str:
+    """A tiny random Llama reward model (width 32, 2 layers, seed 0) and ``tokenizer``, saved to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_labels=num_labels,
+        pad_token_id=pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -266,3 +266,11 @@ def test_large_dataset_benchmark_loads_caches_and_trains_on_the_dataset():
     assert fit["steps"] == 1
     assert len(epochs["rss_mib_after_epoch"]) == 2
     assert all(line["peak_rss_mib"] > 0 and line["wall_s"] >= 0 for line in lines)
+
+
+def test_reward_server_load_every_request_of_every_client_gets_its_own_scores():
+    # 4 client processes x 200 calls against one server; each checks every score against its own texts.
+    out = run_script("reward_server_load.py", "--clients", "4", "--requests", "200")
+    assert out["requests_answered"] == out["requests_sent"] == 800
+    assert out["mismatches"] == 0
+    assert 0 < out["latency_ms"]["p50"] <= out["latency_ms"]["p95"] <= out["latency_ms"]["p99"]

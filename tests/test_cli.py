@@ -14,7 +14,9 @@ import yaml
 from lightning_rlhf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+SERVER_CONFIGS = sorted((REPO / "recipes" / "servers").glob("*.yaml"))
+"""Configs of ``lightning-rlhf-serve-reward``, not of ``fit``: parsed by their own test."""
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p not in SERVER_CONFIGS)
 CONFIGS = RECIPES + sorted((REPO / "benchmarks").glob("*.yaml"))
 """Recipes and the benchmarks' `lightning-rlhf fit` configs: every one must parse and carry the recipe header."""
 
@@ -52,7 +54,16 @@ def test_recipe_parses(recipe, capsys):
     assert printed["trainer"]["max_steps"] > 0 or (printed["trainer"]["max_epochs"] or 0) > 0
 
 
-@pytest.mark.parametrize("recipe", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("config", SERVER_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_server_config_builds_its_app(config):
+    from lightning_rlhf.serve import build_app
+
+    app, parsed = build_app(["--config", str(config)])  # parses, instantiates the reward, binds no port
+    assert parsed.host == "127.0.0.1"
+    assert app.state.reward_service is not None
+
+
+@pytest.mark.parametrize("recipe", CONFIGS + SERVER_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_recipe_header_says_purpose_hardware_run_expect(recipe):
     header = "\n".join(line for line in recipe.read_text().splitlines() if line.startswith("#"))
     for word in ("Purpose", "Hardware", "Run:", "Expect:"):

@@ -100,3 +100,28 @@ def test_the_private_name_check_sees_one(tmp_path):
     source = tmp_path / "example.py"
     source.write_text("from lightning_rlhf.models.loading import _pretrained\n")
     assert private_imports(source) == ["lightning_rlhf.models.loading._pretrained"]
+
+
+SERVER = "serve/"
+"""The reward server: the only files that may import the ASGI stack (the ``serve`` extra); nothing else imports
+them, so training runs without it."""
+SERVER_NAMES = {"fastapi", "starlette", "uvicorn"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, and ``module.name`` for every name it imports from one."""
+    found = {a.name for n in imports(path) if isinstance(n, ast.Import) for a in n.names}
+    found |= {n.module for n in imports(path) if isinstance(n, ast.ImportFrom) and n.module}
+    return found | {f"{n.module}.{a.name}" for n in imports(path) if isinstance(n, ast.ImportFrom) for a in n.names}
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if not relative(p).startswith(SERVER)], ids=relative)
+def test_only_the_server_imports_the_asgi_stack_and_nothing_imports_the_server(path):
+    assert not imported_roots(path) & SERVER_NAMES, f"{relative(path)} imports the server's optional dependencies"
+    server = sorted(m for m in imported_modules(path) if m.split(".")[:2] == ["lightning_rlhf", "serve"])
+    assert not server, f"{relative(path)} imports {server}, which need fastapi"
+
+
+def test_the_server_check_sees_the_server_imports():
+    assert {"fastapi", "uvicorn"} <= imported_roots(PACKAGE / "serve" / "__init__.py")
+    assert "lightning_rlhf.serve.app.create_app" in imported_modules(PACKAGE / "serve" / "__init__.py")

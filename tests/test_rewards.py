@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import save_tiny_reward_model
 from torch import nn
 from torch.testing import assert_close
-from transformers import AutoModelForSequenceClassification, ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForSequenceClassification, ByT5Tokenizer
 
 from lightning_rlhf.rewards import (
     CharFractionReward,
@@ -154,22 +155,6 @@ def test_rule_rewards_are_plain_picklable_objects():
 # ---------------------------------------------------------------- RewardModelScorer
 
 
-def _save_reward_model(path, tokenizer, pad_token_id, num_labels=1):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_labels=num_labels,
-        pad_token_id=pad_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def byt5():
     tokenizer = ByT5Tokenizer()
@@ -179,7 +164,7 @@ def byt5():
 
 @pytest.fixture(scope="module")
 def rm_path(tmp_path_factory, byt5):
-    return _save_reward_model(tmp_path_factory.mktemp("rm"), byt5, pad_token_id=byt5.pad_token_id)
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm"), byt5, pad_token_id=byt5.pad_token_id)
 
 
 def manual_scores(path, texts, tokenizer, add_special_tokens=True, keep_last=None):
@@ -211,7 +196,7 @@ def test_scorer_matches_manual_forward_and_ignores_batching(rm_path, byt5):
 
 
 def test_packed_scorer_matches_each_text_scored_alone_and_runs_fewer_rows(tmp_path, byt5):
-    path = _save_reward_model(tmp_path, byt5, pad_token_id=byt5.pad_token_id, num_labels=2)
+    path = save_tiny_reward_model(tmp_path, byt5, pad_token_id=byt5.pad_token_id, num_labels=2)
     texts = [p + r for p, r in zip(PROMPTS, RESPONSES, strict=True)]
     scorer = RewardModelScorer(path, batch_size=16, label_index=1, packing=True)
     scorer.setup(torch.device("cpu"))
@@ -258,7 +243,7 @@ def test_scorer_is_frozen_and_not_a_module(rm_path):
 
 def test_scorer_sets_missing_pad_token_id(tmp_path, byt5):
     # Without config.pad_token_id the head would pool at the last column, i.e. at padding for shorter texts.
-    path = _save_reward_model(tmp_path, byt5, pad_token_id=None)
+    path = save_tiny_reward_model(tmp_path, byt5, pad_token_id=None)
     scorer = RewardModelScorer(path, batch_size=8)
     scorer.setup(torch.device("cpu"))
     assert scorer.model.config.pad_token_id == byt5.pad_token_id
@@ -298,7 +283,7 @@ def test_scorer_pickles_config_only(rm_path):
 
 
 def test_scorer_label_index_picks_one_class_logit(tmp_path, byt5):
-    path = _save_reward_model(tmp_path, byt5, pad_token_id=byt5.pad_token_id, num_labels=2)
+    path = save_tiny_reward_model(tmp_path, byt5, pad_token_id=byt5.pad_token_id, num_labels=2)
     model = AutoModelForSequenceClassification.from_pretrained(path)
     with torch.no_grad():
         ids = byt5(PROMPTS[0] + RESPONSES[0], return_tensors="pt").input_ids
@@ -312,13 +297,13 @@ def test_scorer_label_index_picks_one_class_logit(tmp_path, byt5):
 def test_scorer_config_errors(tmp_path, rm_path, byt5):
     with pytest.raises(ValueError, match="dtype='fp32' is not one of"):
         RewardModelScorer(rm_path, dtype="fp32")
-    two_labels = _save_reward_model(tmp_path, byt5, pad_token_id=0, num_labels=2)
+    two_labels = save_tiny_reward_model(tmp_path, byt5, pad_token_id=0, num_labels=2)
     with pytest.raises(ValueError, match=r"num_labels=2.*label_index"):
         RewardModelScorer(two_labels).setup(torch.device("cpu"))
     with pytest.raises(ValueError, match="label_index=2 is out of range"):
         RewardModelScorer(two_labels, label_index=2).setup(torch.device("cpu"))
     no_template = tmp_path / "plain"
-    _save_reward_model(no_template, ByT5Tokenizer(), pad_token_id=0)
+    save_tiny_reward_model(no_template, ByT5Tokenizer(), pad_token_id=0)
     with pytest.raises(ValueError, match="has no chat template"):
         RewardModelScorer(str(no_template), use_chat_template=True).setup(torch.device("cpu"))
 
@@ -374,3 +359,11 @@ def test_a_reward_that_needs_a_missing_field_names_it_and_the_fix():
 def test_a_field_holds_one_value_per_response():
     with pytest.raises(ValueError, match=r"prompt field 'answer' has 1 values for 2 responses"):
         call_reward(lambda prompts, responses, answer: torch.zeros(2), ["p", "q"], ["r", "s"], answer=["4"])
+
+
+def test_a_field_may_be_named_like_call_rewards_own_positional_arguments():
+    # call_reward's reward, prompts and responses are positional-only: a dataset column "reward" is a field like any.
+    def uses(prompts, responses, *, reward):
+        return [float(r) for r in reward]
+
+    assert call_reward(uses, ["p", "q"], ["r", "s"], reward=["1", "2"]).tolist() == [1.0, 2.0]

@@ -10,6 +10,8 @@
   (checks in worker processes, a time limit each).
 - :mod:`~lightning_rlhf.rewards.combined`: ``CombinedReward``, a weighted sum of named ``RewardComponent`` rewards
   whose raw scores are kept (``PPOModule`` logs them as ``rollout/score/<name>``).
+- :mod:`~lightning_rlhf.rewards.remote`: ``RemoteReward``, scores from a server over HTTP (retries, deadlines, clear
+  errors), in the wire format of :mod:`~lightning_rlhf.rewards.protocol` (the package's and OpenRLHF's).
 
 Every name is re-exported here: ``class_path: lightning_rlhf.rewards.RewardModelScorer`` keeps working.
 """
@@ -24,6 +26,7 @@ from lightning_rlhf.rewards.base import (
     validate_scores,
 )
 from lightning_rlhf.rewards.combined import CombinedReward, RewardComponent
+from lightning_rlhf.rewards.remote import RemoteReward, RemoteRewardError
 from lightning_rlhf.rewards.rules import (
     DEFAULT_NEGATIVE_WORDS,
     DEFAULT_POSITIVE_WORDS,
@@ -47,6 +50,8 @@ __all__ = [
     "LengthReward",
     "LexiconSentimentReward",
     "MathAnswerReward",
+    "RemoteReward",
+    "RemoteRewardError",
     "Reward",
     "RewardComponent",
     "RewardModelScorer",

@@ -21,8 +21,8 @@ from lightning_rlhf.errors import list_rows
 
 TOKEN_INPUTS = ("prompt_ids", "response_ids", "response_mask")
 """The policy's token tensors, passed to every :class:`Reward` as keyword arguments."""
-RESERVED_FIELDS = ("prompts", "responses", *TOKEN_INPUTS)
-"""Names a prompt row's own field cannot take: they are the reward's other arguments."""
+RESERVED_FIELDS = ("prompts", "responses", *TOKEN_INPUTS, "allow_non_finite")
+"""Names a prompt row's own field cannot take: the reward's other arguments, and :func:`call_reward`'s option."""
 
 
 class Reward:
@@ -175,6 +175,7 @@ def call_reward(
     reward: Callable[..., Any],
     prompts: list[str],
     responses: list[str],
+    /,
     allow_non_finite: bool = False,
     **inputs: Any,
 ) -> Tensor:
