@@ -171,6 +171,8 @@ def test_fingerprint_is_saved_and_a_changed_dataset_warns_on_resume(tmp_path, by
         changed.load_state_dict(state)
     listed = loaded(byt5, prompts=["ab", "cd"])
     assert loaded(byt5, prompts=["ab", "cd"]).fingerprint == listed.fingerprint
+    # the rows, not what a template makes of them: the same rows with another template are the same dataset
+    assert loaded(byt5, prompts=["ab", "cd"], prompt_template="> {prompt}").fingerprint == listed.fingerprint
     with pytest.warns(UserWarning, match=r"data\.prompts=\['ab', 'ce'\]"):
         loaded(byt5, prompts=["ab", "ce"]).load_state_dict(listed.state_dict())
 

@@ -250,3 +250,18 @@ def test_requests_are_json_with_the_package_protocol():
     assert server.posts[0]["body"] == {"prompts": ["p1", "p2"], "responses": ["a", "bb"]}
     assert server.posts[0]["headers"]["Content-Type"] == "application/json"
     json.dumps(server.posts[0]["body"])  # plain JSON
+
+
+def test_one_request_failing_for_good_stops_the_others_retries():
+    # 2 requests: the one with "bad" in it gets a 400 at once; the other keeps getting 503s and would retry until the
+    # deadline (30 s), but stops at its next attempt: the call fails fast, with the 400's message.
+    def answer(body):
+        if "bad" in body["responses"]:
+            return status(400, "bad row")(body)
+        return Answer(status=503, body=b'{"detail": "busy"}', delay_s=0.05)
+
+    with FakeServer([answer]) as server:
+        start = time.monotonic()
+        with pytest.raises(RemoteRewardError, match=r"HTTP 400: bad row"):
+            remote(server.url, batch_size=1, max_retries=1000, deadline_s=30.0)(["p", "p"], ["ok", "bad"])
+        assert time.monotonic() - start < 5.0

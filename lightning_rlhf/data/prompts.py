@@ -267,6 +267,7 @@ class PromptDataModule(FingerprintState, LightningDataModule):
         records = [row for row in rows if isinstance(row, dict)]
         if records and len(records) != len(rows):
             raise ValueError('data.prompts: give every row as {"prompt": ..., **fields} or none of them.')
+        self._fingerprint = fingerprint(rows)  # the rows as given: a changed template or key is not a changed dataset
         if records:
             rows = [row_prompt(row, self.prompt_key, label, "prompts") for row, label in zip(rows, labels, strict=True)]
         prompts = [templated(p, self.prompt_template, self.apply_chat_template, self.system_prompt) for p in rows]
@@ -276,7 +277,6 @@ class PromptDataModule(FingerprintState, LightningDataModule):
         fields = row_fields(records, labels, column, "prompts") if records else {}
         ids = tokenize_prompts(prompts, labels, tokenizer)
         self._check_lengths(np.array([len(x) for x in ids]), labels.__getitem__)
-        self._fingerprint = fingerprint([prompts, fields])
         return PromptRows([x[-self.max_prompt_length :] for x in ids], [reward_text(p) for p in prompts], fields)
 
     def _load_dataset(self, tokenizer: PreTrainedTokenizerBase) -> ArrowPromptRows:

@@ -57,6 +57,10 @@ class RemoteRewardError(RuntimeError):
     """Scoring over HTTP failed; the message names the URL, what went wrong and the fix."""
 
 
+class _Stopped(RemoteRewardError):
+    """A request given up because another request of the same call failed for good (that one is reported)."""
+
+
 class _Retryable(Exception):
     """A failed attempt worth another: its message says what failed; ``wait_s`` is the server's Retry-After."""
 
@@ -211,23 +215,46 @@ class RemoteReward(Reward):
             (prompts[s : s + self.batch_size], responses[s : s + self.batch_size], _rows(fields, s, self.batch_size))
             for s in starts
         ]
-        try:
-            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks) or 1)) as pool:
-                futures = [pool.submit(self._score_chunk, *chunk, deadline) for chunk in chunks]
-                scores = [score for future in futures for score in future.result()]
-        except RemoteRewardError as err:
-            if self.on_failure == "raise":
-                raise
-            warnings.warn(f"{err} on_failure=skip: this rollout scores NaN, so the trainer skips it.", stacklevel=2)
-            return torch.full((len(responses),), float("nan"))
-        return torch.tensor(scores, dtype=torch.float32)
+        failed = threading.Event()  # one request failing for good stops the others' retries
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks) or 1)) as pool:
+            futures = [pool.submit(self._score_chunk, *chunk, deadline, failed) for chunk in chunks]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if not errors:
+            return torch.tensor([score for future in futures for score in future.result()], dtype=torch.float32)
+        err = next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
+        if self.on_failure == "raise" or not isinstance(err, RemoteRewardError):
+            raise err
+        warnings.warn(f"{err} on_failure=skip: this rollout scores NaN, so the trainer skips it.", stacklevel=2)
+        return torch.full((len(responses),), float("nan"))
 
     def _score_chunk(
-        self, prompts: Sequence[str], responses: Sequence[str], fields: dict[str, list[Any]], deadline: float
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        fields: dict[str, list[Any]],
+        deadline: float,
+        failed: threading.Event,
+    ) -> list[float]:
+        """One request's scores, retried as the class docstring says; sets ``failed`` when it fails for good."""
+        try:
+            return self._retried(prompts, responses, fields, deadline, failed)
+        except RemoteRewardError:
+            failed.set()
+            raise
+
+    def _retried(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        fields: dict[str, list[Any]],
+        deadline: float,
+        failed: threading.Event,
     ) -> list[float]:
         body = (score_request if self.protocol == "lightning_rlhf" else openrlhf_request)(prompts, responses, fields)
         attempts, last = 0, "no attempt"
         while True:
+            if failed.is_set():
+                raise _Stopped("another request of this rollout failed; not retried further")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RemoteRewardError(
