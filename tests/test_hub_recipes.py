@@ -66,13 +66,9 @@ def run_recipe(recipe: str, tmp_path: Path, monkeypatch, *overrides: str) -> dic
     return {key: float(value) for key, value in row.items() if value}
 
 
-PACKING = ["--model.ppo.packing=false", "--model.ppo.packing=true"]
-"""Each recipe also runs with ppo.packing: the boundary check and packed forwards on these architectures (bf16 weights
-for Qwen, learned absolute positions and a frozen reference copy for GPT-2)."""
-
-
-@pytest.mark.parametrize("packing", PACKING, ids=["padded", "packed"])
-def test_qwen_recipe_runs_in_bf16_true_with_a_chat_reward_model(tmp_path, monkeypatch, packing):
+def qwen_stand_in(tmp_path: Path) -> tuple[str, transformers.PreTrainedTokenizerFast, dict[str, int]]:
+    """A tiny random Qwen2 policy saved to ``tmp_path / "qwen2"`` with a Qwen-style chat tokenizer: its path, the
+    tokenizer, and the token ids a model of that vocabulary needs."""
     tokenizer = byte_bpe(
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
@@ -84,6 +80,17 @@ def test_qwen_recipe_runs_in_bf16_true_with_a_chat_reward_model(tmp_path, monkey
         tokenizer,
         tmp_path / "qwen2",
     )
+    return policy, tokenizer, ids
+
+
+PACKING = ["--model.ppo.packing=false", "--model.ppo.packing=true"]
+"""Each recipe also runs with ppo.packing: the boundary check and packed forwards on these architectures (bf16 weights
+for Qwen, learned absolute positions and a frozen reference copy for GPT-2)."""
+
+
+@pytest.mark.parametrize("packing", PACKING, ids=["padded", "packed"])
+def test_qwen_recipe_runs_in_bf16_true_with_a_chat_reward_model(tmp_path, monkeypatch, packing):
+    policy, tokenizer, ids = qwen_stand_in(tmp_path)
     reward = save(
         transformers.Qwen3ForSequenceClassification,
         transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16, num_labels=1, **ids),
@@ -149,17 +156,7 @@ GSM8K_ROWS = [
 def test_gsm8k_recipe_reads_a_dataset_and_checks_answers_against_its_reference(tmp_path, monkeypatch):
     from datasets import Dataset, DatasetDict
 
-    tokenizer = byte_bpe(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    policy = save(
-        transformers.Qwen2ForCausalLM,
-        transformers.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True, **ids),
-        tokenizer,
-        tmp_path / "qwen2",
-    )
+    policy, _, _ = qwen_stand_in(tmp_path)
     DatasetDict({"train": Dataset.from_list(GSM8K_ROWS)}).save_to_disk(str(tmp_path / "gsm8k"))
     row = run_recipe(
         "qwen2.5-0.5b-instruct_gsm8k_grpo.yaml",

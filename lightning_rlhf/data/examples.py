@@ -133,7 +133,7 @@ class ExampleDataModule(FingerprintState, LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
         self.source = source
         self.synthetic = synthetic
-        self.dataset = DatasetSource(dataset, data_files, split, subset, "dataset") if from_dataset else None
+        self.dataset = DatasetSource(dataset, data_files, split, subset) if from_dataset else None
         self.num_proc = num_proc
         self.num_examples = num_examples
         self.val_fraction = val_fraction
@@ -172,13 +172,6 @@ class ExampleDataModule(FingerprintState, LightningDataModule):
         self.train_rows  # noqa: B018  (raises before setup)
         assert self._val is not None
         return self._val
-
-    @property
-    def fingerprint(self) -> str:
-        """An identifier of the rows (after ``setup``); checkpoints store it and resuming compares it."""
-        self.train_rows  # noqa: B018  (raises before setup)
-        assert self._fingerprint is not None
-        return self._fingerprint
 
     def describe(self) -> str:
         """The source in one phrase, for messages."""

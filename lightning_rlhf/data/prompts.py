@@ -183,7 +183,7 @@ class PromptDataModule(FingerprintState, LightningDataModule):
         )
         self.prompts = prompts
         self.task = task
-        self.source = DatasetSource(dataset, data_files, split, subset, "dataset") if from_dataset else None
+        self.source = DatasetSource(dataset, data_files, split, subset) if from_dataset else None
         self.prompt_key = prompt_key
         self.prompt_template = prompt_template
         self.apply_chat_template = apply_chat_template
@@ -220,13 +220,6 @@ class PromptDataModule(FingerprintState, LightningDataModule):
     def rows(self) -> PromptRows | ArrowPromptRows:
         """The loaded prompt rows, a map-style dataset (available after ``setup``)."""
         return self._loaded()
-
-    @property
-    def fingerprint(self) -> str:
-        """An identifier of the rows (available after ``setup``); checkpoints store it and resuming compares it."""
-        self._loaded()
-        assert self._fingerprint is not None
-        return self._fingerprint
 
     def _loaded(self) -> PromptRows | ArrowPromptRows:
         if self._dataset is None:

@@ -51,14 +51,12 @@ class DatasetSource:
         data_files: local files (a path, a list, or paths by split), read with the builder their extension names.
         split: the split to use (``train``, ``test``, or a slice such as ``train[:1000]``).
         subset: the dataset's configuration name (``load_dataset(..., name=subset)``), e.g. ``main`` for GSM8K.
-        option: the data module's source argument, for messages (``prompts``, ``examples`` or ``pairs``).
     """
 
     dataset: str | None
     data_files: DataFiles | None
     split: str
     subset: str | None
-    option: str
 
     def describe(self) -> str:
         """The source in one phrase, for messages: ``data.dataset='openai/gsm8k' (subset main, split train)``."""
@@ -201,6 +199,13 @@ class FingerprintState:
     checked against the one a checkpoint stores when the run resumes. Mixed in before ``LightningDataModule``."""
 
     _fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """An identifier of the rows (after ``setup``); checkpoints store it and resuming compares it."""
+        if self._fingerprint is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run yet; the data loads there.")
+        return self._fingerprint
 
     def describe(self) -> str:
         """The data's source in one phrase, for messages."""

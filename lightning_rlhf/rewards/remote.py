@@ -216,11 +216,19 @@ class RemoteReward(Reward):
             for s in starts
         ]
         failed = threading.Event()  # one request failing for good stops the others' retries
+
+        def score(chunk: tuple[Sequence[str], Sequence[str], dict[str, list[Any]]]) -> list[float]:
+            try:
+                return self._score_chunk(*chunk, deadline, failed)
+            except RemoteRewardError:
+                failed.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks) or 1)) as pool:
-            futures = [pool.submit(self._score_chunk, *chunk, deadline, failed) for chunk in chunks]
+            futures = [pool.submit(score, chunk) for chunk in chunks]
         errors = [f.exception() for f in futures if f.exception() is not None]
         if not errors:
-            return torch.tensor([score for future in futures for score in future.result()], dtype=torch.float32)
+            return torch.tensor([value for future in futures for value in future.result()], dtype=torch.float32)
         err = next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
         if self.on_failure == "raise" or not isinstance(err, RemoteRewardError):
             raise err
@@ -235,21 +243,8 @@ class RemoteReward(Reward):
         deadline: float,
         failed: threading.Event,
     ) -> list[float]:
-        """One request's scores, retried as the class docstring says; sets ``failed`` when it fails for good."""
-        try:
-            return self._retried(prompts, responses, fields, deadline, failed)
-        except RemoteRewardError:
-            failed.set()
-            raise
-
-    def _retried(
-        self,
-        prompts: Sequence[str],
-        responses: Sequence[str],
-        fields: dict[str, list[Any]],
-        deadline: float,
-        failed: threading.Event,
-    ) -> list[float]:
+        """One request's scores, retried as the module docstring says, until ``deadline`` or until ``failed`` (another
+        request of the call failed for good) is set."""
         body = (score_request if self.protocol == "lightning_rlhf" else openrlhf_request)(prompts, responses, fields)
         attempts, last = 0, "no attempt"
         while True:
