@@ -99,7 +99,9 @@ def run(args: argparse.Namespace, model_dir: str) -> None:
             merge_lora=merge,
             cast_weights_once=not args.no_cast_weights_once,
         )
-        return lambda: sample_responses(policy, prompt_ids, prompt_mask, config, stops, tokenizer.pad_token_id, False)
+        return lambda: (
+            sample_responses(policy, prompt_ids, prompt_mask, config, stops, tokenizer.pad_token_id, False).tokens
+        )
 
     def plain() -> torch.Tensor:
         out = policy.lm.generate(

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, model_dir: str) -> None:
 
     def call(engine: str, samples: int, ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], torch.Tensor]:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, engine=engine, samples_per_prompt=samples)
-        return lambda: sample_responses(policy, ids, mask, config, stops, pad, False, keys)
+        return lambda: sample_responses(policy, ids, mask, config, stops, pad, False, keys).tokens
 
     repeated = (prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0))
     variants = {

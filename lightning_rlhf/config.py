@@ -33,8 +33,9 @@ ADVANTAGE_ESTIMATORS: tuple[str, ...] = (
 GROUP_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
 """Estimators whose baseline is the other responses to the same prompt: they need ``samples_per_prompt >= 2``."""
 KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss")
-ENGINES: tuple[str, ...] = ("cached", "hf")
-"""Sampling engines of :mod:`lightning_rlhf.models.engines`, by name."""
+ENGINES: tuple[str, ...] = ("cached", "hf", "vllm")
+"""Sampling engines by name: ``cached`` and ``hf`` (:mod:`lightning_rlhf.models.engines`), ``vllm``
+(:mod:`lightning_rlhf.models.vllm_engine`, the ``vllm`` extra)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,14 @@ class PPOConfig:
     """How per-token losses become one number: ``token-mean`` (all real tokens), ``seq-mean-token-mean`` (each
     response's token mean, then their mean), ``seq-mean-token-sum`` (token sums, then their mean) or
     ``seq-mean-token-sum-norm`` (token sums over ``generation.max_new_tokens``, then their mean: Dr. GRPO)."""
+    rollout_correction: Literal["none", "token_tis", "seq_mis"] = "none"
+    """How the policy loss corrects for the sampling engine's logprobs differing from the trainer's (only with
+    ``generation.engine: vllm``, which keeps the engine's logprobs on the rollout; the other engines sample from the
+    trainer's own distribution, so there is nothing to correct and setting it is an error): ``token_tis`` weights
+    each token's loss by min(pi_old / pi_engine, cap) (truncated importance sampling, Yao et al. 2025), ``seq_mis``
+    weights a response by its sequence ratio, or drops it past the cap (Liu et al. 2025)."""
+    rollout_correction_cap: float = 2.0
+    """The cap C of ``rollout_correction`` (verl's ``rollout_is_threshold`` default 2.0; TRL uses 3.0)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, fix: str) -> None:
@@ -173,6 +182,12 @@ class PPOConfig:
                 )
         need(self.kl_estimator in F.KL_ESTIMATORS, "kl_estimator", f"choose one of {F.KL_ESTIMATORS}")
         need(self.aggregation in F.AGGREGATIONS, "aggregation", f"choose one of {F.AGGREGATIONS}")
+        need(
+            self.rollout_correction in F.ROLLOUT_CORRECTIONS,
+            "rollout_correction",
+            f"choose one of {F.ROLLOUT_CORRECTIONS}",
+        )
+        need(self.rollout_correction_cap > 0, "rollout_correction_cap", "use a positive cap such as 2.0")
         need(self.score_norm in SCORE_NORMS, "score_norm", f"choose one of {SCORE_NORMS}")
         need(self.stats_scope in ("global", "local"), "stats_scope", "choose 'global' or 'local'")
         need(self.clip_coef > 0, "clip_coef", "use a positive clip range such as 0.2")
@@ -233,8 +248,10 @@ class GenerationConfig:
     """Stop tokens are forbidden before this many response tokens (the logprobs ignore that truncation)."""
     engine: str = "auto"
     """Sampling engine (:mod:`lightning_rlhf.models.engines`): ``"cached"`` (KV cache, finished rows leave the batch),
-    ``"hf"`` (transformers ``generate``), or ``"auto"``: ``"cached"``, except ``"hf"`` when the model is sharded
-    across processes (FSDP), where every process must run the same number of forwards."""
+    ``"hf"`` (transformers ``generate``), ``"vllm"`` (vLLM in the training process, fed the current policy before
+    every rollout: :mod:`lightning_rlhf.models.vllm_engine`; ``pip install 'lightning-rlhf[vllm]'``), or ``"auto"``:
+    ``"cached"``, except ``"hf"`` when the model is sharded across processes (FSDP), where every process must run the
+    same number of forwards."""
     merge_lora: bool = True
     """Merge the LoRA adapter into the base weights while generating (restored bit for bit afterwards); skipped where
     it cannot apply (no adapter, sharded or quantized weights, ``modules_to_save``, DoRA)."""
@@ -245,6 +262,24 @@ class GenerationConfig:
     """Under autocast (``precision: bf16-mixed``), cast the sampled LM's weights to bfloat16 once per rollout instead
     of once per decode step. Holds one bfloat16 copy of those weights while sampling; set false when memory is tight.
     Not applied to a model sharded across processes (FSDP)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """``engine: vllm`` only: the share of the GPU's memory vLLM may take for its weights and KV cache (TRL's colocate
+    default 0.3); the trainer needs the rest. Not used when ``vllm_kv_cache_gib`` sizes the cache, which is always
+    the case on CPU (where vLLM would read this as a share of host memory)."""
+    vllm_kv_cache_gib: float | None = None
+    """``engine: vllm`` only: the KV cache's size in GiB (vLLM ``kv_cache_memory_bytes``). None: on CUDA vLLM sizes it
+    from ``vllm_gpu_memory_utilization``; on CPU it is sized for the first rollout, twice its sequences at full
+    length, and at least one sequence of the engine's longest length."""
+    vllm_sleep_level: int | None = None
+    """``engine: vllm`` only: vLLM sleep mode between rollouts, so training gets the GPU memory back: 1 frees the KV
+    cache and offloads the weights to host memory, 2 discards the weights too (they are reloaded from
+    ``policy.name_or_path`` and the policy pushed again before the next rollout), 0 never sleeps. None: 1 on CUDA, 0
+    on CPU (sleep mode needs CUDA)."""
+    vllm_max_model_len: int | None = None
+    """``engine: vllm`` only: the longest prompt + response the engine plans its KV cache for; None is the model's
+    ``max_position_embeddings``. Smaller values leave more memory to the cache's concurrency."""
+    vllm_enforce_eager: bool = False
+    """``engine: vllm`` only: no CUDA graphs (faster start, slower decoding); vLLM's own option."""
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -263,7 +298,23 @@ class GenerationConfig:
                 f"{self.min_new_tokens}."
             )
         if self.engine not in (*ENGINES, "auto"):
-            raise ValueError(f"model.generation.engine must be 'auto', 'cached' or 'hf', got {self.engine!r}.")
+            raise ValueError(f"model.generation.engine must be 'auto', 'cached', 'hf' or 'vllm', got {self.engine!r}.")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                "model.generation.vllm_gpu_memory_utilization must be in (0, 1], got "
+                f"{self.vllm_gpu_memory_utilization}; e.g. 0.3 leaves 70% of the GPU to training."
+            )
+        if self.vllm_kv_cache_gib is not None and not self.vllm_kv_cache_gib > 0:
+            raise ValueError(f"model.generation.vllm_kv_cache_gib must be > 0 or null, got {self.vllm_kv_cache_gib}.")
+        if self.vllm_sleep_level not in (None, 0, 1, 2):
+            raise ValueError(
+                f"model.generation.vllm_sleep_level must be 0, 1, 2 or null (auto), got {self.vllm_sleep_level!r}."
+            )
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len <= self.max_new_tokens:
+            raise ValueError(
+                f"model.generation.vllm_max_model_len={self.vllm_max_model_len} leaves no room for a prompt before "
+                f"max_new_tokens={self.max_new_tokens}; use a longer length or null (the model's)."
+            )
         if self.samples_per_prompt < 1:
             raise ValueError(f"model.generation.samples_per_prompt must be >= 1, got {self.samples_per_prompt}.")
         if self.batch_size is not None and self.batch_size < 1:
@@ -284,6 +335,12 @@ def check_ppo_with_generation(ppo: PPOConfig, generation: GenerationConfig) -> N
                 "model.ppo.filter_zero_std_groups needs groups of responses to one prompt: set "
                 f"model.generation.samples_per_prompt >= 2, got {n}."
             )
+    if ppo.rollout_correction != "none" and generation.engine != "vllm":
+        raise ValueError(
+            f"model.ppo.rollout_correction={ppo.rollout_correction!r} corrects for a sampling engine whose logprobs "
+            f"differ from the trainer's; model.generation.engine {generation.engine!r} samples from the trainer's own "
+            "distribution. Set model.generation.engine vllm, or model.ppo.rollout_correction none."
+        )
     if ppo.overlong_buffer is not None and ppo.overlong_buffer > generation.max_new_tokens:
         raise ValueError(
             f"model.ppo.overlong_buffer={ppo.overlong_buffer} is longer than model.generation.max_new_tokens="

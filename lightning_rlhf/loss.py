@@ -80,7 +80,8 @@ def ppo_objective(
 
     Args:
         model: the policy (with or without a value head).
-        micro_batch: rows of a rollout with advantages (and returns, with a critic).
+        micro_batch: rows of a rollout with advantages (and returns, with a critic); its ``is_weights``, when set,
+            weight the per-token policy loss (``ppo.rollout_correction``).
         ppo: the loss settings.
         temperature: the sampling temperature.
         kl_coef: beta of the KL term (``ppo.kl_placement: loss`` only; the KL controller's current value).
@@ -110,6 +111,7 @@ def ppo_objective(
         ppo.aggregation,
         ppo.clip_coef_high,
         norm_length,
+        token_weights=micro_batch.is_weights,
     )
     value_loss = value_stats = None
     if out.values is not None:

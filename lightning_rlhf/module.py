@@ -49,6 +49,8 @@ from lightning_rlhf.distributed import GlobalStats, explained_variance, full_val
 from lightning_rlhf.functional.random_streams import response_keys
 from lightning_rlhf.loss import loss_units, micro_batch_weight, ppo_objective
 from lightning_rlhf.models import LoraConfig, PolicyConfig, PolicyValueModel, build_policy, cast_weights, load_tokenizer
+from lightning_rlhf.models.config import check_dtype
+from lightning_rlhf.models.vllm_engine import VLLMEngine, require_vllm, resolve_sleep_level
 from lightning_rlhf.modes import full_precision
 from lightning_rlhf.precision import keep_trained_weights_float32
 from lightning_rlhf.rewards import CombinedReward, Reward, call_reward, fields_for, validate_scores
@@ -127,6 +129,8 @@ class PPOModule(LightningModule):
         self._critic_warmup = False
         """True in the first ``ppo.critic_warmup_steps`` iterations, in which only the value head trains."""
         self._update_counts: dict[str, float] = {}
+        self.engine: VLLMEngine | None = None
+        """The vLLM engine of this process (``generation.engine: vllm``), built at the first rollout."""
         # Checkpoints hold only trained weights; the frozen base is rebuilt in configure_model.
         self.strict_loading = False
 
@@ -176,6 +180,9 @@ class PPOModule(LightningModule):
                 "PPOModule checks and clips the gradients itself before each step. Use --trainer.precision "
                 "bf16-mixed (or 32-true)."
             )
+        if self.generation.engine == "vllm":  # before any weight moves: vLLM installed, sleep mode possible here
+            require_vllm()
+            resolve_sleep_level(self.generation.vllm_sleep_level, self.trainer.strategy.root_device)
         self.frozen_dtype = keep_trained_weights_float32(self.trainer)
         if self.frozen_dtype is not None and not self.lora_config.enabled:
             rank_zero_warn(
@@ -196,10 +203,14 @@ class PPOModule(LightningModule):
             self.eval_reward.setup(self.device)
 
     def teardown(self, stage: str) -> None:
-        """Stop what the rewards started in ``setup`` (e.g. ``MathAnswerReward``'s check workers)."""
+        """Stop what the rewards started in ``setup`` (e.g. ``MathAnswerReward``'s check workers) and the vLLM
+        engine."""
         for reward in (self.reward_fn, self.eval_reward):
             if isinstance(reward, Reward):
                 reward.teardown()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     # ---------------------------------------------------------------------------------------------------- the reward
     def reward(self, prompts: list[str], responses: list[str], **inputs: Any) -> Tensor:
@@ -232,6 +243,8 @@ class PPOModule(LightningModule):
         stats = GlobalStats()
         # 1. rollout (no grad): n responses per prompt; old and reference logprobs; values   -> rollout.py
         rollout = self.rollout(batch)
+        # 1b. engine vs trainer (engine: vllm): logprob gap; truncated IS weights for the loss -> functional
+        rollout = self.correct_rollout(rollout, stats)
         # 2. score: reward on (prompt, response), then penalties / normalize / clip; loss mask -> rewards/
         scored = self.score(batch["prompts"], rollout, stats, batch.get("fields"))
         if scored is None:  # non-finite scores after the first iteration: no update from this rollout
@@ -280,18 +293,73 @@ class PPOModule(LightningModule):
         prompt_index = self._prompt_index(batch).repeat_interleave(n)
         sample_index = torch.arange(n, device=prompt_index.device).repeat(len(prompt_index) // n)
         keys = response_keys(self.sampling_seed, self.global_step, prompt_index, sample_index)
-        return generate_rollout(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.generation,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            micro_batch_size=self.ppo.micro_batch_size,
-            synced_gpus=self.sharded,
-            options=self.ppo.forward_options,
-            sample_keys=keys,
+        engine = self._vllm_engine()
+        with self._engine_loaded(engine, batch):
+            return generate_rollout(
+                self.model,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                self.generation,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                micro_batch_size=self.ppo.micro_batch_size,
+                synced_gpus=self.sharded,
+                options=self.ppo.forward_options,
+                sample_keys=keys,
+                engine=engine,
+            )
+
+    def _engine_loaded(self, engine: VLLMEngine | None, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """With a vLLM engine: the current policy loaded into it for the body, and the engine asleep afterwards; the
+        first batch's shape (responses sampled at once, prompt + response length) sizes its CPU KV cache."""
+        if engine is None:
+            return contextlib.nullcontext()
+        assert self.model is not None
+        prompts, prompt_len = batch["prompt_ids"].shape
+        sequences = min(self.generation.batch_size or prompts, prompts) * self.generation.samples_per_prompt
+        return engine.sampling(self.model.lm, sequences, prompt_len + self.generation.max_new_tokens)
+
+    def _vllm_engine(self) -> VLLMEngine | None:
+        """This process's vLLM engine with ``generation.engine: vllm`` (built on first use), else None."""
+        if self.generation.engine != "vllm":
+            return None
+        if self.engine is None:
+            precision = str(self.trainer.precision)
+            dtype = (
+                torch.bfloat16
+                if precision.startswith("bf16")
+                else torch.float16
+                if precision.startswith("16")
+                else check_dtype(self.policy_config.dtype)
+            )
+            trainer = self.trainer
+            process = (trainer.global_rank, trainer.local_rank, trainer.world_size) if trainer.world_size > 1 else None
+            self.engine = VLLMEngine(self.policy_config, self.generation, dtype, self.device, process)
+        return self.engine
+
+    def correct_rollout(self, rollout: Rollout, stats: GlobalStats) -> Rollout:
+        """Step 1b, with an engine that keeps its own logprobs (vLLM): log how far they are from the trainer's
+        (``rollout/engine_logprob_gap``, mean |engine - trainer| per token) and, with ``ppo.rollout_correction``,
+        set the loss's importance weights (:func:`~lightning_rlhf.functional.rollout_correction_weights`)."""
+        if rollout.engine_logprobs is None:
+            return rollout
+        mask, n_tokens = rollout.response_mask, rollout.response_mask.sum()
+        gap = (rollout.engine_logprobs - rollout.old_logprobs).abs()
+        stats.add("rollout/engine_logprob_gap", F.masked_sum(gap, mask), n_tokens)
+        if self.ppo.rollout_correction == "none":
+            return rollout
+        weights = F.rollout_correction_weights(
+            rollout.old_logprobs,
+            rollout.engine_logprobs,
+            mask,
+            self.ppo.rollout_correction,
+            self.ppo.rollout_correction_cap,
         )
+        stats.add("rollout/is_weight", F.masked_sum(weights, mask), n_tokens)
+        if self.ppo.rollout_correction == "seq_mis":
+            dropped = (weights == 0) & mask  # a response past the cap has every weight 0
+            stats.add("rollout/is_masked_frac", dropped.any(-1).float().sum(), len(rollout))
+        return dataclasses.replace(rollout, is_weights=weights)
 
     def _prompt_index(self, batch: dict[str, Any]) -> Tensor:
         """(B,) each prompt's index in the data (``PromptDataModule`` batches carry it); without one, the rows are

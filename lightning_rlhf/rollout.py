@@ -12,8 +12,9 @@ Choices made here (see :mod:`lightning_rlhf.types` for shapes and mask polarity)
 - **Stop tokens.** A response ends at its first stop token (EOS or one of ``stop_token_ids``), which is a real token;
   every later column is ``pad_token_id`` with mask False. A response that hit ``max_new_tokens`` has ``ended`` False.
 - **Engines.** Sampling itself is delegated to an engine of :mod:`lightning_rlhf.models.engines`
-  (``generation.engine``); everything it returns after a stop token is discarded here, and the logprobs always come
-  from ``forward_response``.
+  (``generation.engine``), or to the one passed in (``engine=``: the ``vllm`` engine, which ``PPOModule`` holds);
+  everything it returns after a stop token is discarded here, and the logprobs PPO uses always come from
+  ``forward_response``. An engine's own logprobs (vLLM's) are kept as ``Rollout.engine_logprobs``.
 - **Mode.** Generation and scoring run without gradients and in eval mode (no dropout), and every submodule's
   training flag is restored afterwards.
 - **Several samples per prompt.** With ``generation.samples_per_prompt = n`` the rollout has ``B * n`` rows, prompt
@@ -34,6 +35,7 @@ from lightning_rlhf.config import GenerationConfig
 from lightning_rlhf.functional.random_streams import KEY_BITS
 from lightning_rlhf.models.engines import (
     Engine,
+    Sampled,
     autocast_weights_once,
     cached_decode,
     hf_generate,
@@ -126,15 +128,15 @@ def _generate_and_score(
     synced_gpus: bool,
     options: ForwardOptions,
     sample_keys: Tensor,
+    engine: Engine | None,
 ) -> Rollout:
     samples = sample_responses(
-        model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus, sample_keys
+        model, prompt_ids, prompt_mask, generation, stop_token_ids, pad_token_id, synced_gpus, sample_keys, engine
     )
-    response_ids, response_mask, ended = truncate_at_stop(
-        samples,
-        stop_token_ids,
-        pad_token_id,
-    )
+    response_ids, response_mask, ended = truncate_at_stop(samples.tokens, stop_token_ids, pad_token_id)
+    engine_logprobs = None
+    if samples.logprobs is not None:  # cut like the tokens; 0 after the stop token
+        engine_logprobs = torch.where(response_mask, samples.logprobs[:, : response_mask.shape[1]], 0.0)
     n = generation.samples_per_prompt
     group_index = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(n)
     prompt_ids, prompt_mask = prompt_ids[group_index], prompt_mask[group_index]
@@ -172,6 +174,7 @@ def _generate_and_score(
         old_values=scored.get("old_values"),
         ended=ended,
         group_index=group_index,
+        engine_logprobs=engine_logprobs,
     )
 
 
@@ -184,15 +187,17 @@ def sample_responses(
     pad_token_id: int,
     synced_gpus: bool,
     sample_keys: Tensor | None = None,
-) -> Tensor:
-    """Sample ``generation.samples_per_prompt`` (n) responses per prompt with ``generation.engine``; no scoring (see
-    :func:`generate_rollout`).
+    engine: Engine | None = None,
+) -> Sampled:
+    """Sample ``generation.samples_per_prompt`` (n) responses per prompt with ``engine``, or without one with the
+    engine ``generation.engine`` names; no scoring (see :func:`generate_rollout`).
 
     The adapter is merged for the whole call when ``generation.merge_lora`` allows it, and under autocast the weights
     are cast once for the call with ``generation.cast_weights_once``; prompts go to the engine in
-    chunks of ``generation.batch_size`` prompts. Returns (B * n, T') long tokens, row ``b * n + s`` sample s of prompt
-    b, padded with ``pad_token_id`` to the longest chunk; anything after a row's first stop token is to be ignored
-    (:func:`truncate_at_stop`). ``sample_keys`` (B * n,) int64 names each response's random stream, in that row order
+    chunks of ``generation.batch_size`` prompts. Returns a :class:`~lightning_rlhf.models.engines.Sampled`: (B * n, T')
+    long tokens, row ``b * n + s`` sample s of prompt b, padded with ``pad_token_id`` to the longest chunk (anything
+    after a row's first stop token is to be ignored: :func:`truncate_at_stop`), and the engine's own logprobs of them
+    (vLLM) or None. ``sample_keys`` (B * n,) int64 names each response's random stream, in that row order
     (:func:`lightning_rlhf.functional.random_streams.response_keys`); None draws keys from the global torch RNG.
     """
     n = generation.samples_per_prompt
@@ -204,17 +209,12 @@ def sample_responses(
             f"model.generation.samples_per_prompt {n}); got {tuple(sample_keys.shape)}."
         )
     sample_keys = sample_keys.to(prompt_ids.device)
-    engine = generation.engine if generation.engine != "auto" else ("hf" if synced_gpus else "cached")
-    if engine == "cached" and synced_gpus:
-        raise ValueError(
-            "model.generation.engine 'cached' cannot run a model sharded across processes (FSDP); use 'auto' or 'hf'."
-        )
-    sample: Engine = cached_decode if engine == "cached" else functools.partial(hf_generate, synced_gpus=synced_gpus)
-    merge = generation.merge_lora and lora_merge_blocker(model.lm) is None
+    sample, in_process = _engine(generation, synced_gpus, engine)
+    merge = in_process and generation.merge_lora and lora_merge_blocker(model.lm) is None
     # The weights are cast for autocast after the merge and before the restore; not for a sharded model (its
     # parameters are shards that each forward gathers).
-    cast = generation.cast_weights_once and not synced_gpus
-    samples = []
+    cast = in_process and generation.cast_weights_once and not synced_gpus
+    chunks: list[Sampled] = []
     with (
         merged_lora(model.lm) if merge else contextlib.nullcontext(),
         autocast_weights_once(model.lm, prompt_ids.device.type) if cast else contextlib.nullcontext(),
@@ -222,11 +222,33 @@ def sample_responses(
         for rows in _micro_batches(prompt_ids.shape[0], generation.batch_size):
             keys = sample_keys[rows.start * n : rows.stop * n]  # the chunk's prompts' samples, in row order
             inputs = (prompt_ids[rows], prompt_mask[rows], generation, stop_token_ids, pad_token_id, keys)
-            samples.append(sample(model, *inputs))
-    width = max(tokens.shape[1] for tokens in samples)
-    return torch.cat(
-        [nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=pad_token_id) for tokens in samples]
+            out = sample(model, *inputs)
+            chunks.append(out if isinstance(out, Sampled) else Sampled(out, None))
+    width = max(chunk.tokens.shape[1] for chunk in chunks)
+    tokens = torch.cat(
+        [nn.functional.pad(c.tokens, (0, width - c.tokens.shape[1]), value=pad_token_id) for c in chunks]
     )
+    if chunks[0].logprobs is None:
+        return Sampled(tokens, None)
+    return Sampled(tokens, torch.cat([nn.functional.pad(c.logprobs, (0, width - c.logprobs.shape[1])) for c in chunks]))
+
+
+def _engine(generation: GenerationConfig, synced_gpus: bool, engine: Engine | None) -> tuple[Engine, bool]:
+    """The engine to sample with, and whether it runs the trainer's own model (then the LoRA merge and the weight
+    cast apply)."""
+    if engine is not None:
+        return engine, False
+    name = generation.engine if generation.engine != "auto" else ("hf" if synced_gpus else "cached")
+    if name == "vllm":
+        raise ValueError(
+            "model.generation.engine 'vllm' samples with an engine object that holds vLLM (PPOModule builds one): "
+            "pass it as engine=VLLMEngine(...)."
+        )
+    if name == "cached" and synced_gpus:
+        raise ValueError(
+            "model.generation.engine 'cached' cannot run a model sharded across processes (FSDP); use 'auto' or 'hf'."
+        )
+    return (cached_decode if name == "cached" else functools.partial(hf_generate, synced_gpus=synced_gpus)), True
 
 
 def generate_rollout(
@@ -241,6 +263,7 @@ def generate_rollout(
     synced_gpus: bool = False,
     options: ForwardOptions = PADDED,
     sample_keys: Tensor | None = None,
+    engine: Engine | None = None,
 ) -> Rollout:
     """Sample ``generation.samples_per_prompt`` responses per prompt and compute old logprobs, reference logprobs and
     values (none without a value head).
@@ -261,8 +284,11 @@ def generate_rollout(
             (``PPOConfig.forward_options``).
         sample_keys: (B * n,) int64, each response's random stream, prompt b's samples at ``b * n .. b * n + n - 1``
             (:func:`lightning_rlhf.functional.random_streams.response_keys`); None draws them from the global RNG.
+        engine: samples instead of the engine ``generation.engine`` names (``PPOModule`` passes its
+            :class:`~lightning_rlhf.models.vllm_engine.VLLMEngine`, which must have the current policy loaded).
     Returns:
-        A :class:`Rollout` of ``B * n`` responses with the first eight fields and ``group_index`` set.
+        A :class:`Rollout` of ``B * n`` responses with the first eight fields and ``group_index`` set, and
+        ``engine_logprobs`` when the engine returns its own.
     """
     prompt_mask = prompt_mask.bool()
     if prompt_ids.shape != prompt_mask.shape:
@@ -283,4 +309,5 @@ def generate_rollout(
             synced_gpus,
             options,
             sample_keys,
+            engine,
         )

@@ -114,6 +114,13 @@ class Rollout:
     """(B, T) float32, GAE advantages (whitened if configured)."""
     returns: Tensor | None = None
     """(B, T) float32, value targets: GAE advantages (before whitening) + old values."""
+    engine_logprobs: Tensor | None = None
+    """(B, T) float32, log-probabilities of the sampled tokens under the sampling engine's own forward (vLLM, same
+    temperature); None for the in-process engines, which sample from the trainer's own distribution."""
+    is_weights: Tensor | None = None
+    """(B, T) float32, per-token weight of the policy loss from ``ppo.rollout_correction``: detached importance weights
+    of the trainer's rollout policy over the sampling engine, 0 where ``response_mask`` is False; None means every
+    weight is 1."""
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -2,6 +2,7 @@
 modules importable (``flops``, ``presets``: the benchmarks' own code, tested here), and the fixtures most tests use:
 the byte tokenizers, a tiny policy and a quiet CPU trainer (``helpers.py`` holds their shapes)."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -19,12 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_vllm = pytest.mark.skip(
+        reason="needs vllm (pip install 'lightning-rlhf[vllm]'; on CPU the vLLM CI job's venv)"
+    )
+    has_vllm = importlib.util.find_spec("vllm") is not None
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(skip_vllm)
 
 
 @pytest.fixture(scope="session")

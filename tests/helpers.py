@@ -8,6 +8,8 @@ from lightning_rlhf.models import PolicyConfig, TinyModelConfig
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 """The tests' tiny random Llama: 2 layers of width 32, seconds to build and train on a CPU."""
+TINY_VLLM = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1)
+"""The tiny Llama with one head of size 32, for the vLLM tests: vLLM's CPU attention has no kernel below 32."""
 TINY_POLICY = PolicyConfig(tiny=TINY)
 """The tiny Llama as a policy, with the byte tokenizer."""
 

@@ -468,6 +468,89 @@ def test_clip_higher_widens_only_the_upper_side_of_the_clip():
         fn.policy_loss(logprobs, old, advantages, mask, 0.2, clip_coef_high=0.0)
 
 
+def test_policy_loss_token_weights_scale_each_clipped_token_loss_and_leave_the_stats():
+    # The ratios and advantages of test_policy_loss_hand_worked_batch_stats_and_gradient: per-token losses after the
+    # clip [-1.2, 1.5, -2.2, 0.8] (the fifth token is padding, its weight NaN). Weights [0.5, 2, 1, 0] (TRL
+    # per_token_loss * importance_sampling_ratio, verl pg_losses * rollout_is_weights):
+    #   token-mean (-0.6 + 3.0 - 2.2 + 0.0) / 4 = 0.2 / 4 = 0.05
+    ratios = [1.5, 1.5, 1.1, 0.5, 9.0]
+    logprobs = torch.tensor([[math.log(r) for r in ratios]], requires_grad=True)
+    old = torch.zeros(1, 5)
+    advantages = _t([[1.0, -1.0, 2.0, -1.0, 5.0]])
+    mask = _mask([[T_, T_, T_, T_, F_]])
+    weights = _t([[0.5, 2.0, 1.0, 0.0, float("nan")]])
+    loss, stats = fn.policy_loss(logprobs, old, advantages, mask, clip_coef=0.2, token_weights=weights)
+    assert_close(loss, torch.tensor(0.05))
+    assert_close(stats.clipfrac, torch.tensor(0.5))  # unweighted: 2 of 4, as without weights
+    assert_close(stats.ratio_mean, torch.tensor(1.15))
+    # the gradient is the weight times the unweighted one, -A r / 4 on unclipped tokens:
+    #   [0, 2 * 0.375 = 0.75, 1 * -0.55 = -0.55, 0, 0]
+    loss.backward()
+    assert_close(logprobs.grad, _t([[0.0, 0.75, -0.55, 0.0, 0.0]]))
+
+
+def test_policy_loss_token_weights_apply_after_the_dual_clip():
+    # test_policy_loss_dual_clip_hand_worked's per-token losses [3 (capped from 4.48), 2, -1.2], weights [0.5, 1, 2]:
+    # mean (1.5 + 2 - 2.4) / 3 = 1.1 / 3. Weighting before the cap would keep 0.5 * 4.48 = 2.24 < 3 instead.
+    logprobs = _t([[1.5, math.log(2.0), 1.5]])
+    advantages, mask = _t([[-1.0, -1.0, 1.0]]), _mask([[T_, T_, T_]])
+    weights = _t([[0.5, 1.0, 2.0]])
+    loss, stats = fn.policy_loss(logprobs, torch.zeros(1, 3), advantages, mask, 0.2, 3.0, token_weights=weights)
+    assert_close(loss, torch.tensor(1.1 / 3.0))
+    assert_close(stats.dual_clipfrac, torch.tensor(1.0 / 3.0))
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_policy_loss_with_no_or_unit_token_weights_is_the_unweighted_loss_exactly(aggregation: str):
+    old = _per_token(3, 0.5, -2.0)
+    logprobs, advantages = old + _per_token(8, 0.5), _per_token(9)
+    args = (logprobs, old, advantages, MASK, 0.2, 3.0, aggregation, 0.28, 5)
+    plain, plain_stats = fn.policy_loss(*args)
+    for weights in (None, torch.ones(MASK.shape)):
+        loss, stats = fn.policy_loss(*args, token_weights=weights)
+        assert torch.equal(loss, plain)
+        for value, expected in zip(stats, plain_stats, strict=True):
+            assert torch.equal(value, expected)
+
+
+def test_rollout_correction_token_tis_hand_worked():
+    # Yao et al. 2025 (verl rollout_is: token, TRL token_truncate): w_t = min(exp(old_t - engine_t), cap).
+    # log-ratios [-1 - (-1.5), -2 - (-1)] = [0.5, -1]; the third token is padding (its engine logprob NaN).
+    old = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    engine = _t([[-1.5, -1.0, float("nan")]])
+    mask = _mask([[T_, T_, F_]])
+    # cap 2: [min(e^0.5 = 1.6487213, 2), e^-1 = 0.3678794, 0]
+    weights = fn.rollout_correction_weights(old, engine, mask, "token_tis", 2.0)
+    assert_close(weights, _t([[1.6487213, 0.3678794, 0.0]]))
+    assert weights.dtype == torch.float32
+    assert not weights.requires_grad
+    # cap 1.5: [min(1.6487213, 1.5) = 1.5, 0.3678794, 0]
+    assert_close(fn.rollout_correction_weights(old, engine, mask, "token_tis", 1.5), _t([[1.5, 0.3678794, 0.0]]))
+    # "none": 1 on real tokens
+    assert_close(fn.rollout_correction_weights(old, engine, mask, "none", 2.0), _t([[1.0, 1.0, 0.0]]))
+
+
+def test_rollout_correction_seq_mis_hand_worked():
+    # Liu et al. 2025 (TRL sequence_mask): rho_b = exp(sum of old - engine over real tokens); a response's real tokens
+    # weigh rho_b if rho_b <= cap, else 0.
+    old = _t([[-1.0, -2.0], [-1.0, -0.2], [-1.0, float("nan")]])
+    engine = _t([[-1.5, -1.0], [-1.5, -1.0], [-1.2, -3.0]])
+    mask = _mask([[T_, T_], [T_, T_], [T_, F_]])
+    # row 0: 0.5 - 1.0 = -0.5 -> e^-0.5 = 0.6065307 <= 2, kept
+    # row 1: 0.5 + 0.8 = 1.3 -> e^1.3 = 3.6692967 > 2, dropped
+    # row 2: 0.2 (the padding NaN left out) -> e^0.2 = 1.2214028, on its one real token
+    weights = fn.rollout_correction_weights(old, engine, mask, "seq_mis", 2.0)
+    assert_close(weights, _t([[0.6065307, 0.6065307], [0.0, 0.0], [1.2214028, 0.0]]))
+    # cap 4 keeps row 1 at 3.6692967; cap 0.5 drops row 0 (0.6065307 > 0.5) as well
+    weights = fn.rollout_correction_weights(old, engine, mask, "seq_mis", 4.0)
+    assert_close(weights, _t([[0.6065307, 0.6065307], [3.6692967, 3.6692967], [1.2214028, 0.0]]))
+    weights = fn.rollout_correction_weights(old, engine, mask, "seq_mis", 0.5)
+    assert_close(weights, _t([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    # a sequence log-ratio of 200 overflows exp in float32: dropped, not inf or NaN
+    huge = fn.rollout_correction_weights(_t([[100.0, 100.0]]), _t([[0.0, 0.0]]), _mask([[T_, T_]]), "seq_mis", 2.0)
+    assert_close(huge, _t([[0.0, 0.0]]))
+
+
 @pytest.mark.parametrize("dual_clip_coef", [1.0, 0.5, -3.0])
 def test_policy_loss_rejects_dual_clip_coef_not_above_one(dual_clip_coef: float):
     mask = _mask([[T_]])
@@ -647,11 +730,24 @@ def _cases() -> dict[str, tuple[dict[str, torch.Tensor], Callable]]:
             lambda rewards, values: fn.gae(rewards, values, MASK, gamma=0.99, gae_lambda=0.95),
         ),
         "policy_loss": (
-            {"logprobs": old + _per_token(8, 0.5), "old_logprobs": old, "advantages": _per_token(9)},
-            lambda logprobs, old_logprobs, advantages: (
+            {
+                "logprobs": old + _per_token(8, 0.5),
+                "old_logprobs": old,
+                "advantages": _per_token(9),
+                "token_weights": _per_token(13).abs(),
+            },
+            lambda logprobs, old_logprobs, advantages, token_weights: (
                 fn.policy_loss(logprobs, old_logprobs, advantages, MASK, clip_coef=0.2),
                 fn.policy_loss(logprobs, old_logprobs, advantages, MASK, 0.2, 3.0, "seq-mean-token-mean"),
                 fn.policy_loss(logprobs, old_logprobs, advantages, MASK, 0.2, None, "seq-mean-token-sum-norm", 0.28, 5),
+                fn.policy_loss(logprobs, old_logprobs, advantages, MASK, 0.2, 3.0, token_weights=token_weights),
+            ),
+        ),
+        "rollout_correction_weights": (
+            {"old_logprobs": old, "engine_logprobs": old + _per_token(14, 0.3)},
+            lambda old_logprobs, engine_logprobs: tuple(
+                fn.rollout_correction_weights(old_logprobs, engine_logprobs, MASK, mode, 1.2)
+                for mode in fn.ROLLOUT_CORRECTIONS
             ),
         ),
         "value_loss": (
@@ -686,6 +782,7 @@ MASKED_CASES = [
     "discounted_returns",
     "policy_loss",
     "value_loss",
+    "rollout_correction_weights",
 ]
 
 
@@ -766,6 +863,7 @@ WIDE = torch.zeros(3, 6)
         (lambda: fn.gae(X, X, FLOAT_MASK, 0.9, 0.9), "response_mask must be a bool"),
         (lambda: fn.policy_loss(X, X, X, FLOAT_MASK, 0.2), "response_mask must be a bool"),
         (lambda: fn.value_loss(X, X, X, FLOAT_MASK), "response_mask must be a bool"),
+        (lambda: fn.rollout_correction_weights(X, X, FLOAT_MASK, "token_tis", 2.0), "response_mask must be a bool"),
         # mismatched shapes, named
         (lambda: fn.masked_sum(WIDE, MASK), r"\bmask has shape \(3, 5\) but x has \(3, 6\)"),
         (lambda: fn.masked_mean(X, MASK[:, :4]), r"\bmask has shape \(3, 4\)"),
@@ -781,6 +879,9 @@ WIDE = torch.zeros(3, 6)
         (lambda: fn.gae(X, X, MASK[:2], 0.9, 0.9), r"\bresponse_mask has shape"),
         (lambda: fn.policy_loss(X, WIDE, X, MASK, 0.2), r"\bold_logprobs has shape"),
         (lambda: fn.policy_loss(X, X, WIDE, MASK, 0.2), r"\badvantages has shape"),
+        (lambda: fn.policy_loss(X, X, X, MASK, 0.2, token_weights=WIDE), r"\btoken_weights has shape"),
+        (lambda: fn.rollout_correction_weights(X, WIDE, MASK, "seq_mis", 2.0), r"\bengine_logprobs has shape"),
+        (lambda: fn.rollout_correction_weights(X, X, MASK[:2], "seq_mis", 2.0), r"\bresponse_mask has shape"),
         (lambda: fn.value_loss(X, X, WIDE, MASK), r"\breturns has shape"),
         (lambda: fn.value_loss(X, WIDE, X, MASK), r"\bold_values has shape"),
         (lambda: fn.logprobs_from_logits(torch.zeros(3, 5, 7), torch.zeros(3, 4, dtype=torch.long)), r"\btokens has"),
@@ -790,6 +891,10 @@ WIDE = torch.zeros(3, 6)
         (lambda: fn.aggregate(X, MASK, "mean"), r"Unknown aggregation 'mean'"),
         (lambda: fn.policy_loss(X, X, X, MASK, 0.2, aggregation="token_mean"), r"Unknown aggregation 'token_mean'"),
         (lambda: fn.value_loss(X, X, X, MASK, aggregation="seq-mean"), r"Unknown aggregation 'seq-mean'"),
+        (lambda: fn.rollout_correction_weights(X, X, MASK, "tis", 2.0), r"Unknown rollout_correction 'tis'"),
+        # out-of-range numbers, named
+        (lambda: fn.rollout_correction_weights(X, X, MASK, "token_tis", 0.0), r"rollout_correction_cap must be > 0"),
+        (lambda: fn.rollout_correction_weights(X, X, MASK, "seq_mis", -1.0), r"rollout_correction_cap must be > 0"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(call: Callable, match: str):
@@ -821,6 +926,9 @@ def test_ppo_losses_and_logprobs_never_read_a_value_back_to_the_host():
         fn.policy_loss(
             meta(3, 5), meta(3, 5), meta(3, 5), mask, 0.2, 3.0, aggregation, clip_coef_high=0.28, norm_length=5
         )
+        fn.policy_loss(meta(3, 5), meta(3, 5), meta(3, 5), mask, 0.2, 3.0, aggregation, None, 5, meta(3, 5))
         fn.value_loss(meta(3, 5), meta(3, 5), meta(3, 5), mask, 0.2, aggregation, norm_length=5)
+    for mode in fn.ROLLOUT_CORRECTIONS:
+        fn.rollout_correction_weights(meta(3, 5), meta(3, 5), mask, mode, 2.0)
     fn.logprobs_from_logits(meta(3, 5, 384), meta(3, 5, dtype=torch.long), temperature=0.7)
     fn.entropy_from_logits(meta(3, 5, 384), temperature=0.7)

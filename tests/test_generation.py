@@ -216,8 +216,12 @@ def test_merge_blockers_are_named(tokenizer):
     [
         ("min_new_tokens", -1, "min_new_tokens"),
         ("min_new_tokens", 9, "min_new_tokens"),
-        ("engine", "vllm", "engine"),
+        ("engine", "sglang", "engine"),
         ("batch_size", 0, "batch_size"),
+        ("vllm_gpu_memory_utilization", 0.0, "vllm_gpu_memory_utilization"),
+        ("vllm_gpu_memory_utilization", 1.5, "vllm_gpu_memory_utilization"),
+        ("vllm_sleep_level", 3, "vllm_sleep_level"),
+        ("vllm_max_model_len", 8, "vllm_max_model_len"),
     ],
 )
 def test_generation_config_names_the_bad_field(field, value, match):
@@ -274,7 +278,7 @@ def test_sampling_under_autocast_casts_each_weight_once(tokenizer, prompts, lora
         with _WeightCasts(model.lm.named_parameters()) as every_step, merged_lora(model.lm) if lora else nullcontext():
             expected = cached_decode(model, *prompts, config, [NEVER], PAD, keys_of(0, 5))
         with _WeightCasts(model.lm.named_parameters()) as once:
-            tokens = sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False)
+            tokens = sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False).tokens
     assert torch.equal(tokens, expected)
     q_proj = next(name for name in once.casts if "layers.0.self_attn.q_proj" in name and "lora" not in name)
     assert every_step.casts[q_proj] == config.max_new_tokens  # prefill + 5 decode steps without the cache
@@ -284,7 +288,7 @@ def test_sampling_under_autocast_casts_each_weight_once(tokenizer, prompts, lora
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     with torch.no_grad(), autocast, _WeightCasts(model.lm.named_parameters()) as off:
         config = dataclasses.replace(config, cast_weights_once=False)
-        assert torch.equal(sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False), expected)
+        assert torch.equal(sample_responses(model, *prompts, config, [NEVER], PAD, synced_gpus=False).tokens, expected)
     assert off.casts[q_proj] == config.max_new_tokens  # generation.cast_weights_once: false keeps the per-step casts
 
 
@@ -367,6 +371,8 @@ def test_generation_chunks_keep_each_prompts_samples_together(tokenizer, prompts
     keys = group_keys(2, 5, 2)
     whole = sample_responses(model, *prompts, config, [NEVER], PAD, False, keys)
     chunked = sample_responses(model, *prompts, dataclasses.replace(config, batch_size=2), [NEVER], PAD, False, keys)
-    assert torch.equal(whole, chunked)
+    assert torch.equal(whole.tokens, chunked.tokens)
+    assert whole.logprobs is None  # the trainer's own distribution: no engine logprobs
+    assert chunked.logprobs is None
     with pytest.raises(ValueError, match=r"sample_keys must be \(10,\), one per response \(5 prompts x"):
         sample_responses(model, *prompts, config, [NEVER], PAD, False, keys[:5])

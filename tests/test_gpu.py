@@ -85,7 +85,7 @@ def test_sampling_under_cuda_autocast_casts_each_weight_once():
             with _WeightCasts(model.lm.named_parameters()) as casts:
                 tokens = sample_responses(
                     model, *prompts, dataclasses.replace(config, cast_weights_once=once), [384], 0, synced_gpus=False
-                )
+                ).tokens
             counts[once] = (tokens, max(casts.casts.values()))
     assert torch.equal(counts[True][0], counts[False][0])
     assert (counts[True][1], counts[False][1]) == (1, config.max_new_tokens)

@@ -214,3 +214,39 @@ def test_a_critic_free_objective_has_no_value_term(tokenizer):
     assert terms.value_loss is None
     assert terms.value is None
     torch.testing.assert_close(terms.loss.detach(), terms.policy_loss)  # ent_coef 0, no KL term
+
+
+def test_is_weights_weight_the_per_token_policy_loss_and_none_leaves_it_unweighted(scored):
+    # ppo.rollout_correction's weights reach F.policy_loss as token_weights (TRL per_token_loss *
+    # importance_sampling_ratio): the policy term is the aggregate of the weighted clipped per-token losses, the
+    # value term and the policy stats are unchanged.
+    model, r = scored
+    mask = r.response_mask
+    weights = torch.where(mask, torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) * 2, 0.0)
+    ppo = PPOConfig(clip_coef=0.1, aggregation="seq-mean-token-mean")
+    weighted = ppo_objective(model, dataclasses.replace(r, is_weights=weights), ppo, TEMPERATURE)
+    plain = ppo_objective(model, r, ppo, TEMPERATURE)
+    out = rescore(model, r, temperature=TEMPERATURE)
+    args = (out.logprobs, r.old_logprobs, r.advantages, mask, 0.1, None, ppo.aggregation)
+    expected, _ = F.policy_loss(*args, token_weights=weights)
+    unweighted, _ = F.policy_loss(*args)
+    torch.testing.assert_close(weighted.policy_loss, expected)
+    torch.testing.assert_close(plain.policy_loss, unweighted)
+    assert not torch.allclose(expected, unweighted)  # the weights matter here
+    torch.testing.assert_close(weighted.value_loss, plain.value_loss)
+    torch.testing.assert_close(weighted.policy.clipfrac, plain.policy.clipfrac)
+    torch.testing.assert_close(weighted.loss.detach() - plain.loss.detach(), expected - unweighted)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fix"),
+    [
+        ("rollout_correction", "tis", "choose one of"),
+        ("rollout_correction_cap", 0.0, "use a positive cap"),
+        ("rollout_correction_cap", -2.0, "use a positive cap"),
+    ],
+)
+def test_rollout_correction_settings_are_validated(field, value, fix):
+    with pytest.raises(ValueError, match=rf"ppo\.{field}={value!r} is invalid: {fix}"):
+        PPOConfig(**{field: value})
+    assert PPOConfig(rollout_correction="seq_mis", rollout_correction_cap=3.0).rollout_correction == "seq_mis"

@@ -181,3 +181,22 @@ def test_trained_mask_is_the_response_mask_of_the_rows_loss_mask_keeps():
     expected[[0, 3, 6]] = False
     assert torch.equal(rollout.trained_mask, expected)
     assert torch.equal(dataclasses.replace(rollout, loss_mask=None).trained_mask, rollout.response_mask)
+
+
+def test_select_trim_padding_and_to_carry_the_engine_logprobs_and_is_weights():
+    # The rollout-correction fields are (B, T) response-side tensors: select picks their rows, trim_padding keeps
+    # their first 2 columns (the response columns some row uses), like old_logprobs.
+    full = dataclasses.replace(
+        _padded_rollout(),
+        engine_logprobs=torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-5.0, -6.0, -7.0, -8.0]]),
+        is_weights=torch.tensor([[0.5, 0.0, 0.0, 0.0], [1.5, 2.0, 0.0, 0.0]]),
+    )
+    trimmed = full.trim_padding()
+    assert torch.equal(trimmed.engine_logprobs, torch.tensor([[-1.0, -2.0], [-5.0, -6.0]]))
+    assert torch.equal(trimmed.is_weights, torch.tensor([[0.5, 0.0], [1.5, 2.0]]))
+    picked = trimmed.select(torch.tensor([1, 1, 0]))
+    assert torch.equal(picked.engine_logprobs, torch.tensor([[-5.0, -6.0], [-5.0, -6.0], [-1.0, -2.0]]))
+    assert torch.equal(picked.is_weights, torch.tensor([[1.5, 2.0], [1.5, 2.0], [0.5, 0.0]]))
+    assert torch.equal(full.to("cpu").is_weights, full.is_weights)
+    assert _padded_rollout().select(torch.tensor([1])).engine_logprobs is None
+    assert _padded_rollout().trim_padding().is_weights is None

@@ -1,7 +1,7 @@
 """Pure tensor math of RLHF with PPO: no Lightning import, no in-place writes to inputs, no logging, no ``backward``.
 
 - :mod:`~lightning_rlhf.functional.ppo`: KL penalty, per-token rewards, GAE and discounted returns, the over-long
-  penalty, the clipped policy loss, the value loss, the loss aggregations.
+  penalty, the clipped policy loss, the value loss, the loss aggregations, the rollout-correction weights.
 - :mod:`~lightning_rlhf.functional.advantages`: critic-free group baselines (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 - :mod:`~lightning_rlhf.functional.stats`: masked sums, means, variances, whitening, explained variance.
 - :mod:`~lightning_rlhf.functional.logprobs`: float32, chunked log-probabilities and entropies of the logits.
@@ -35,9 +35,11 @@ from lightning_rlhf.functional.ppo import (
     K3_CLAMP,
     K3_LOG_RATIO_CLAMP,
     KL_ESTIMATORS,
+    ROLLOUT_CORRECTIONS,
     SEQUENCE_AGGREGATIONS,
     Aggregation,
     KLEstimator,
+    RolloutCorrection,
     aggregate,
     discounted_returns,
     gae,
@@ -45,6 +47,7 @@ from lightning_rlhf.functional.ppo import (
     last_token_index,
     overlong_penalty,
     policy_loss,
+    rollout_correction_weights,
     token_rewards,
     value_loss,
 )
@@ -76,11 +79,13 @@ __all__ = [
     "KEY_BITS",
     "KL_ESTIMATORS",
     "LOGSOFTMAX_CHUNK_ELEMENTS",
+    "ROLLOUT_CORRECTIONS",
     "SEQUENCE_AGGREGATIONS",
     "WHITEN_EPS",
     "Aggregation",
     "GroupStdNorm",
     "KLEstimator",
+    "RolloutCorrection",
     "aggregate",
     "bradley_terry_loss",
     "broadcast_to_tokens",
@@ -109,6 +114,7 @@ __all__ = [
     "response_keys",
     "response_uniforms",
     "rloo_advantages",
+    "rollout_correction_weights",
     "row_chunks",
     "sft_loss",
     "sft_loss_from_terms",

@@ -1,4 +1,5 @@
-"""The PPO math of RLHF: the KL penalty, per-token rewards, GAE, the clipped policy loss and the value loss.
+"""The PPO math of RLHF: the KL penalty, per-token rewards, GAE, the clipped policy loss, the value loss and the
+rollout-correction weights.
 
 Every function takes tensors and plain numbers, returns new tensors, never writes into its inputs, never logs and
 never calls ``backward``. Shapes and mask polarity follow :mod:`lightning_rlhf.types`: per-token tensors are ``(B, T)``
@@ -20,10 +21,18 @@ Where this departs from, or chooses between, the references:
   response, ``generation.max_new_tokens``), mean over sequences (Dr. GRPO, Liu et al. 2025: no length normalisation);
   verl divides the sum over sequences by the constant and leaves the mean over sequences to its micro-batch scaling.
   Sequences without a real token are left out of every sequence mean.
+- **Rollout correction** (:func:`rollout_correction_weights`). The importance weights are of the trainer's rollout
+  policy ``pi_old`` (its own recomputed ``old_logprobs``) over the sampling engine's distribution, detached, and
+  multiply the per-token policy loss after the clip (TRL ``per_token_loss * importance_sampling_ratio``, verl
+  ``pg_losses * rollout_is_weights``); the PPO ratio stays ``pi / pi_old``. ``token_tis`` truncates the token weight at
+  the cap (Yao et al. 2025; verl ``rollout_is: token``, TRL ``token_truncate``); ``seq_mis`` keeps a response's
+  sequence weight up to the cap and drops the whole response past it rather than truncating its weight (Liu et al.
+  2025; TRL ``sequence_mask``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -35,7 +44,10 @@ from lightning_rlhf.types import PolicyLossStats, ValueLossStats
 
 KLEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+RolloutCorrection = Literal["none", "token_tis", "seq_mis"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+ROLLOUT_CORRECTIONS: tuple[str, ...] = ("none", "token_tis", "seq_mis")
+"""Modes of :func:`rollout_correction_weights` (``ppo.rollout_correction``)."""
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 SEQUENCE_AGGREGATIONS: tuple[str, ...] = AGGREGATIONS[1:]
 """The aggregations that average over sequences (every one but ``token-mean``)."""
@@ -212,6 +224,7 @@ def policy_loss(
     aggregation: Aggregation = "token-mean",
     clip_coef_high: float | None = None,
     norm_length: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), negated for minimization.
 
@@ -219,7 +232,9 @@ def policy_loss(
     ``r = exp(logprobs - old_logprobs)``; ``clip_coef_high`` None is ``clip_coef`` (the symmetric clip), a larger one
     is DAPO's clip-higher (Yu et al. 2025, eq. 10: more room for raising unlikely tokens). With
     ``dual_clip_coef = c > 1`` (Ye et al. 2020), tokens with ``A < 0`` are further capped at ``-A * c`` so a huge
-    ratio on a bad action cannot dominate the batch.
+    ratio on a bad action cannot dominate the batch. With ``token_weights`` (the rollout correction,
+    :func:`rollout_correction_weights`) each token's loss, after both clips, is multiplied by its weight before the
+    aggregation; the weights are constants (detached) and the stats stay unweighted.
 
     Args:
         logprobs: (B, T) log pi of the taken tokens under the current policy (carries the gradient).
@@ -231,11 +246,14 @@ def policy_loss(
         aggregation: one of :data:`AGGREGATIONS` (:func:`aggregate`).
         clip_coef_high: upper epsilon of the clip, > 0, or None for ``clip_coef``.
         norm_length: the constant of ``seq-mean-token-sum-norm``.
+        token_weights: (B, T) per-token weights of the loss, or None for every weight 1.
     Returns:
         (loss, stats): the scalar loss and a :class:`PolicyLossStats` of detached scalars.
     """
     check_mask(response_mask)
     check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask)
+    if token_weights is not None:
+        check_same_shape(response_mask=response_mask, token_weights=token_weights)
     check_choice(aggregation, AGGREGATIONS, "aggregation")
     if dual_clip_coef is not None and not dual_clip_coef > 1.0:
         raise ValueError(f"dual_clip_coef must be > 1 (e.g. 3.0) or None, got {dual_clip_coef}.")
@@ -253,6 +271,9 @@ def policy_loss(
         cap = -advantages * dual_clip_coef
         dual_capped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_capped, cap, per_token)
+    if token_weights is not None:
+        # Masked-out weights are set to 0 so a NaN there cannot reach the gradient of the real tokens' terms.
+        per_token = per_token * torch.where(response_mask, token_weights.detach().float(), 0.0)
     loss = aggregate(per_token, response_mask, aggregation, norm_length)
     with torch.no_grad():
         masked_ratio = torch.where(response_mask, ratio, torch.zeros((), device=ratio.device))
@@ -314,3 +335,54 @@ def value_loss(
             value_mean=masked_mean(values.detach().float(), response_mask),
         )
     return loss, stats
+
+
+def rollout_correction_weights(
+    old_logprobs: Tensor,
+    engine_logprobs: Tensor,
+    response_mask: Tensor,
+    mode: RolloutCorrection,
+    cap: float,
+) -> Tensor:
+    """(B, T) importance weights of the trainer's rollout policy over the sampling engine (``ppo.rollout_correction``).
+
+    A separate engine (vLLM) samples from ``pi_engine``, whose logprobs differ slightly from the trainer's ``pi_old``
+    of the same weights (other kernels, precision, batching). With ``log_ratio_t = old_logprobs_t - engine_logprobs_t``
+    over real tokens:
+
+    - ``"token_tis"``: truncated importance sampling, ``w_t = min(exp(log_ratio_t), cap)`` (Yao et al. 2025, "Your
+      Efficient RL Framework Secretly Brings You Off-Policy RL Training"; verl ``rollout_is: token``, TRL
+      ``vllm_importance_sampling_mode="token_truncate"``).
+    - ``"seq_mis"``: masked importance sampling over the sequence, ``rho_b = exp(sum_t log_ratio_t)``; every real token
+      of response b weighs ``rho_b`` if ``rho_b <= cap``, else 0, which drops the response from the policy loss (Liu
+      et al. 2025, "When Speed Kills Stability"; TRL ``"sequence_mask"``). The cap is compared in log space, so a
+      ``rho_b`` that overflows float32 is dropped, not NaN.
+    - ``"none"``: 1 on every real token (callers may equally leave ``Rollout.is_weights`` None).
+
+    Both logprobs must be of the same (temperature-scaled) distribution. Computed without gradient.
+
+    Args:
+        old_logprobs: (B, T) log pi_old of the sampled tokens, the trainer's forward.
+        engine_logprobs: (B, T) log pi_engine of the same tokens, the sampling engine's forward.
+        response_mask: (B, T) bool, True for real response tokens.
+        mode: one of :data:`ROLLOUT_CORRECTIONS`.
+        cap: the cap C of the weights, > 0.
+    Returns:
+        (B, T) float32 weights, 0 where ``response_mask`` is False.
+    """
+    check_choice(mode, ROLLOUT_CORRECTIONS, "rollout_correction")
+    if not cap > 0:
+        raise ValueError(f"rollout_correction_cap must be > 0 (e.g. 2.0), got {cap}.")
+    check_mask(response_mask)
+    check_same_shape(old_logprobs=old_logprobs, engine_logprobs=engine_logprobs, response_mask=response_mask)
+    with torch.no_grad():
+        if mode == "none":
+            return response_mask.float()
+        # Masked-out log-ratios are set to 0 before exp and the sum, so a NaN/inf there cannot reach a weight.
+        log_ratio = torch.where(response_mask, old_logprobs.float() - engine_logprobs.float(), 0.0)
+        if mode == "token_tis":
+            weights = torch.exp(log_ratio).clamp(max=cap)
+        else:
+            log_rho = log_ratio.sum(dim=-1, keepdim=True)  # (B, 1)
+            weights = torch.where(log_rho <= math.log(cap), torch.exp(log_rho), 0.0).expand_as(log_ratio)
+        return torch.where(response_mask, weights, 0.0)

@@ -2,10 +2,10 @@
 
 An engine is any callable with the :class:`Engine` signature; it only samples tokens. Cutting at the stop token and
 scoring (old/reference logprobs, values) happen in ``rollout.py`` with the training model's own forward, so an engine
-never decides the logprobs PPO uses. A faster engine (e.g. vLLM, with its own copy of the weights) fits behind the
-same signature.
+never decides the logprobs PPO uses. vLLM (``"vllm"``, :mod:`lightning_rlhf.models.vllm_engine`, an optional extra)
+fits behind the same signature, with its own copy of the weights; it also returns its own logprobs (:class:`Sampled`).
 
-Two engines ship:
+Two engines ship in this module:
 
 - ``"cached"`` (:func:`cached_decode`, the default): one prefill, then one token per step through the model's KV
   cache. With several samples per prompt the prefill runs once per prompt and its cache is repeated for the samples
@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import peft
 import torch
@@ -62,9 +62,20 @@ class SamplingSettings(Protocol):
     samples_per_prompt: int
 
 
+class Sampled(NamedTuple):
+    """What an engine with logprobs of its own returns (:class:`~lightning_rlhf.models.vllm_engine.VLLMEngine`)."""
+
+    tokens: Tensor
+    """(B * n, T') long sampled tokens, row ``b * n + s`` sample s of prompt b."""
+    logprobs: Tensor | None
+    """(B * n, T') float32, the engine's log-probability of each sampled token (0 after a row's last token); None
+    where the tokens were drawn from the trainer's own distribution (``cached``, ``hf``)."""
+
+
 class Engine(Protocol):
     """Samples ``settings.samples_per_prompt`` (n) responses per prompt; returns (B * n, T') long tokens,
-    T' <= ``max_new_tokens``, row ``b * n + s`` being sample s of prompt b.
+    T' <= ``max_new_tokens``, row ``b * n + s`` being sample s of prompt b, or a :class:`Sampled` of those tokens and
+    the engine's own logprobs of them.
 
     Anything after a row's first stop token is ignored by the caller (it may be padding or more tokens). ``keys``
     (B * n,) int64 names each response's random stream, in the rows' order
@@ -80,7 +91,7 @@ class Engine(Protocol):
         stop_token_ids: list[int],
         pad_token_id: int,
         keys: Tensor,
-    ) -> Tensor: ...
+    ) -> Tensor | Sampled: ...
 
 
 # ------------------------------------------------------------------------------------------------------ engines
