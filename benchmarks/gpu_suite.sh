@@ -7,9 +7,11 @@
 # engines vs plain generate), more (larger batch, bf16 weights, trainer.fit cross-check), packing (ppo.packing
 # against padding, responses of 1-128 tokens), compile (regional torch.compile of the update, paired with eager),
 # chunks (ppo.lm_head_chunk_size: peak memory and time of one update micro-batch), profile (profiler tables of one PPO
-# epoch's update, LoRA and full); "all" runs every stage. Stages that have not run on a GPU yet: more, packing,
-# compile, chunks, profile. With a 15-minute device budget, run "tests,packing,compile" as one command (about 10
-# minutes at most by the limits below), "chunks,more" in the next lease.
+# epoch's update, LoRA and full), vllm (generation.engine vllm, which needs `pip install 'lightning-rlhf[vllm]'`:
+# sampling beside the cached engine, then a whole PPO iteration with each engine, with nvidia-smi's peak memory);
+# "all" runs every stage. Stages that have not run on a GPU yet: more, packing, compile, chunks, profile, vllm. With a
+# 15-minute device budget, run "tests,packing,compile" as one command (about 10 minutes at most by the limits below),
+# "chunks,more" in the next lease, "vllm" alone in a third (12.5 minutes at most, about 5 expected).
 # Each run's JSON line goes to OUT_DIR/<stage>.jsonl (default benchmarks/out), its log to OUT_DIR/<stage>.log. A run
 # that fails or overruns its time limit is logged and the next one starts.
 set -uo pipefail
@@ -31,6 +33,20 @@ bench() {  # bench STAGE LIMIT_SECONDS SCRIPT ARGS...
   echo "=== $(date +%T) $*" | tee -a "$out/$stage.log"
   timeout "$limit" python3 "$@" >>"$out/$stage.jsonl" 2>>"$out/$stage.log" || echo "FAILED ($?): $*" | tee -a "$out/$stage.log"
   tail -c 600 "$out/$stage.jsonl"; echo
+}
+
+bench_gpu_memory() {  # as bench, with nvidia-smi's memory.used sampled every 0.5 s and its peak logged: it counts
+  # vLLM's weights and KV cache whichever allocator holds them (sleep mode's go through vLLM's own CuMem pool)
+  local stage=$1 samples="$out/$1.memory_used_mib" sampler=
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 >"$samples" &
+    sampler=$!
+  fi
+  bench "$@"
+  if [[ -n $sampler ]]; then
+    kill "$sampler"; wait "$sampler" 2>/dev/null
+    echo "peak nvidia-smi memory.used: $(sort -n "$samples" | tail -n 1) MiB" | tee -a "$out/$stage.log"
+  fi
 }
 
 if has tests; then
@@ -91,4 +107,21 @@ if has profile; then
       || echo "FAILED ($?): profile $ft" | tee -a "$out/profile.log"
   done
   grep "#####" "$out/profile.txt"
+fi
+
+if has vllm; then
+  # generation.engine vllm, bf16 (generation.py: bf16-true; ppo_iteration.py: bf16-mixed, the engine in bfloat16).
+  # Targets: vllm >= 10x the cached engine's tokens/s; a whole PPO iteration < 3 s (12-15 s with cached so far, the
+  # cached run here pairs it on this machine). The iteration's generate phase includes the policy's push into the
+  # engine and its wake-up from sleep mode; parameter bytes per role and peak CUDA memory are in the JSON line, the
+  # device's peak (vLLM's share included) in vllm.log. PRESET=qwen2-tiny cannot check this stage on a CPU: its head
+  # size 16 is below vLLM's CPU minimum of 32 (the package says so at the engine's start).
+  if python3 -c "import vllm; print('vllm', vllm.__version__)" | tee -a "$out/env.txt"; then
+    bench_gpu_memory vllm 300 benchmarks/generation.py --preset "$PRESET" --batch 64 --prompt-len 64 128 \
+      --max-new-tokens 128 --repeats 3 --variants cached_merged vllm
+    bench_gpu_memory vllm 300 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1 --engine vllm
+    bench_gpu_memory vllm 150 benchmarks/ppo_iteration.py "${MODEL[@]}" --batch 64 --iterations 2 --warmup 1 --engine cached
+  else
+    echo "SKIPPED: vLLM is not installed (pip install 'lightning-rlhf[vllm]')" | tee -a "$out/vllm.log"
+  fi
 fi

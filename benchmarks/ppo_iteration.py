@@ -17,7 +17,8 @@ Every iteration is one ``trainer.fit`` iteration of ``PPOModule`` (:class:`Bench
 package's own. Callbacks and forward hooks split it into phases:
 
 - ``generate``, ``old_logprobs_values_forward``, ``ref_forward``: ``PPOModule.rollout``, cut by forward hooks on the
-  model (:class:`ModeMarks`).
+  model (:class:`ModeMarks`). With ``--engine vllm``, ``generate`` also holds the policy's push into the engine
+  (``VLLMEngine.load_policy``, waking it from sleep mode on CUDA; its start at the first, warm-up, iteration).
 - ``score_advantages``: the module's ``perf/rollout_sec`` (rollout, ``score``, ``shape_rewards``,
   ``estimate_advantages``) minus those three. ``rollout_score_advantages``: ``perf/rollout_sec`` itself.
 - ``update``: ``PPOModule.ppo_update``, ``perf/iteration_sec`` minus ``perf/rollout_sec``. ``update_forward``: the
@@ -85,7 +86,7 @@ from presets import add_model_arguments, fold_to_tokenizer, policy_config, save_
 from torch import Tensor, nn
 
 from lightning_rlhf.callbacks import RLCallback
-from lightning_rlhf.config import GenerationConfig, PPOConfig
+from lightning_rlhf.config import ENGINES, GenerationConfig, PPOConfig
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.models import (
     LoraConfig,
@@ -652,7 +653,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ppo.add_argument("--batch", type=int, default=32, help="prompts per rollout")
     ppo.add_argument("--prompt-len", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"), help="bytes")
     ppo.add_argument("--max-new-tokens", type=int, default=32, help="response length (every response has it)")
-    ppo.add_argument("--engine", choices=("auto", "cached", "hf"), default="auto", help="generation.engine")
+    ppo.add_argument(
+        "--engine",
+        choices=("auto", *ENGINES),
+        default="auto",
+        help="generation.engine; vllm needs vLLM installed (PPOModule builds the engine at the first rollout; the "
+        "generate phase then includes pushing the policy into it)",
+    )
     ppo.add_argument("--no-merge-lora", action="store_true", help="generation.merge_lora false (sample unmerged)")
     ppo.add_argument(
         "--no-cast-weights-once",

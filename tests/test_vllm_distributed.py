@@ -88,6 +88,9 @@ def dist_runs(tmp_path_factory):
     runs["fsdp2"] = run(
         tmp, "fsdp2", dist_config(tmp / "fsdp2", batch_size=2, max_steps=2), *TWO, "--trainer.strategy=fsdp2"
     )
+    full = dist_config(tmp / "fsdp2_full", batch_size=2, max_steps=3)
+    full["model"]["init_args"]["lora"] = {"enabled": False}
+    runs["fsdp2_full"] = run(tmp, "fsdp2_full", full, *TWO, "--trainer.strategy=fsdp2")
     return runs
 
 
@@ -118,3 +121,15 @@ def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_run(dist_runs):
             assert a["scores"] == b["scores"]
             for param, value in b["weights"].items():
                 torch.testing.assert_close(a["weights"][param], value, msg=f"step {step} {param}")
+
+
+def test_fsdp2_full_fine_tuning_feeds_the_engine_the_gathered_updated_weights(dist_runs):
+    # Every weight trains and is sharded: each rollout gathers them for the engine. A stale or half-updated engine
+    # would sample from another distribution than the trainer's and show a gap far above float32 rounding.
+    rows = metrics(dist_runs["fsdp2_full"])
+    assert len(rows) == 3
+    for row in rows:
+        assert float(row["rollout/engine_logprob_gap"]) < 1e-5
+    dumped = dumps(dist_runs["fsdp2_full"], 3)
+    assert len(dumped) == 2
+    assert any("q_proj" in name for name in dumped[0]["weights"])  # full fine-tuning: the LM's own weights trained

@@ -49,6 +49,7 @@ import peft
 import torch
 from torch import Tensor, nn
 
+from lightning_rlhf.distributed import full_value
 from lightning_rlhf.models.config import PolicyConfig
 from lightning_rlhf.models.engines import Sampled
 
@@ -121,8 +122,6 @@ def resolve_sleep_level(level: int | None, device: torch.device) -> int:
 
 def _full(tensor: Tensor) -> Tensor:
     """The whole tensor, gathered when it is an FSDP2 shard (every process must call this in the same order)."""
-    from lightning_rlhf.distributed import full_value
-
     return full_value(tensor.detach())
 
 
