@@ -19,6 +19,7 @@ from lightning_rlhf.functional.random_streams import response_keys
 from lightning_rlhf.models import LoraConfig, PolicyConfig, build_policy
 from lightning_rlhf.models.engines import cached_decode
 from lightning_rlhf.models.policy import forward_response
+from lightning_rlhf.models.vllm_engine import VLLMEngine, check_cpu_head_size
 from lightning_rlhf.rollout import truncate_at_stop
 
 pytestmark = pytest.mark.vllm
@@ -45,9 +46,7 @@ def keys_for(prompts: int, n: int, step: int = 0) -> torch.Tensor:
     return response_keys(0, step, torch.arange(prompts).repeat_interleave(n), torch.arange(n).repeat(prompts))
 
 
-def engine_for(generation: GenerationConfig, policy: PolicyConfig):
-    from lightning_rlhf.models.vllm_engine import VLLMEngine
-
+def engine_for(generation: GenerationConfig, policy: PolicyConfig) -> VLLMEngine:
     return VLLMEngine(policy, generation, torch.float32, torch.device("cpu"))
 
 
@@ -58,6 +57,12 @@ def perturb(model, seed: int) -> None:
         for param in model.lm.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def moved_policy(policy: PolicyConfig, lora: LoraConfig, tokenizer):
+    model = build_policy(policy, lora, tokenizer, value_head=False).eval()
+    perturb(model, seed=7)
+    return model
 
 
 def trainer_logprobs(model, ids, mask, tokens, response_mask, temperature):
@@ -106,8 +111,7 @@ def test_the_engine_samples_the_current_policy_after_every_update(tokenizer, mod
 def lora_engine(tokenizer):
     """A LoRA policy with a moved adapter, loaded into one engine for the sampling-settings tests."""
     policy = PolicyConfig(tiny=TINY_VLLM)
-    model = build_policy(policy, LoraConfig(r=4), tokenizer, value_head=False).eval()
-    perturb(model, seed=7)
+    model = moved_policy(policy, LoraConfig(r=4), tokenizer)
     engine = engine_for(GenerationConfig(engine="vllm"), policy)
     engine.load_policy(model.lm, sequences=16, sequence_len=40)
     yield model, engine
@@ -169,8 +173,6 @@ def test_top_k_1_is_greedy_and_logprobs_follow_the_temperature(lora_engine, toke
 
 
 def test_a_head_size_vllm_cpu_cannot_run_is_named_before_the_engine_starts(tokenizer):
-    from lightning_rlhf.models.vllm_engine import check_cpu_head_size
-
     model = build_policy(
         PolicyConfig(tiny=dataclasses.replace(TINY_VLLM, num_attention_heads=2)), LoraConfig(), tokenizer
     )
@@ -206,3 +208,30 @@ def test_the_quickstart_learns_with_the_vllm_engine(tmp_path):
     assert sum(score[:3]) / 3 < 0.15
     assert sum(score[-5:]) / 5 > 0.5, score
     assert max(gap) < 1e-5  # mean |engine - trainer| per token, float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_mode_frees_the_gpu_and_the_woken_engine_samples_the_same_policy(tokenizer, level):
+    # Level 2 discards the weights: without the reload from disk and the policy pushed again, the woken engine samples
+    # from garbage (vllm#16564); level 1 offloads them to host memory.
+    policy = PolicyConfig(tiny=TINY_VLLM)
+    model = moved_policy(policy, LoraConfig(r=4, modules_to_save=["lm_head"]), tokenizer).cuda()
+    generation = GenerationConfig(
+        max_new_tokens=8, do_sample=False, engine="vllm", vllm_sleep_level=level, vllm_gpu_memory_utilization=0.2
+    )
+    ids, mask = (t.cuda() for t in encode(tokenizer))
+    stops, pad, keys = [tokenizer.eos_token_id], tokenizer.pad_token_id, keys_for(4, 1)
+    engine = VLLMEngine(policy, generation, torch.float32, torch.device("cuda"))
+    try:
+        with engine.sampling(model.lm, 4, 32):
+            awake_free = torch.cuda.mem_get_info()[0]
+            before = engine(model, ids, mask, generation, stops, pad, keys).tokens
+        asleep_free, total = torch.cuda.mem_get_info()
+        assert asleep_free - awake_free > 0.1 * total  # most of the engine's 20 % share came back
+        with engine.sampling(model.lm, 4, 32):
+            after = engine(model, ids, mask, generation, stops, pad, keys).tokens
+        assert torch.equal(after, before)
+        assert torch.equal(after.cpu(), cached_decode(model, ids, mask, generation, stops, pad, keys).cpu())
+    finally:
+        engine.close()
