@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import statistics
 import string
@@ -95,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # vLLM logs to stdout by default; JSON only there
     run_on_random_model(parse_args(argv), run)
 
 
@@ -120,7 +122,11 @@ class VLLMVariant:
         self.load_seconds: list[float] = []
         """Seconds of every :meth:`load` timed by the caller."""
         started = time.perf_counter()
-        self.load()
+        try:
+            self.load()
+        except BaseException:  # an engine that failed to start leaves no scratch directory behind
+            self.close()
+            raise
         self.start_seconds = time.perf_counter() - started
 
     def load(self) -> None:

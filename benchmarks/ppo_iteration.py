@@ -57,6 +57,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import random
 import resource
 import statistics
@@ -793,6 +794,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # vLLM logs to stdout by default; JSON only there
     started = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

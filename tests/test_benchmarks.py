@@ -136,11 +136,36 @@ def test_ppo_iteration_separate_design_reads_the_values_from_its_own_critic():
     assert separate.critic_seconds["rollout"] > 0  # no grad: timed as a rollout forward
 
 
-def test_generation_benchmark_runs_every_variant_to_full_length():
-    out = run_script("generation.py", *TINY_RUN, "--repeats", "1", "--precision", "bf16-mixed", "--device", "cpu")
-    assert out["config"]["vocab"] == 1000
+# vLLM's CPU attention needs a head size of at least 32 (qwen2-tiny's is 16): the tiny Llama, hidden 64, 2 heads.
+VLLM_RUN = ("--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "2", *TINY_RUN[2:])
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "variants", "vocab"),
+    [
+        pytest.param(
+            TINY_RUN, (), ("plain_generate", "hf_merged", "cached_unmerged", "cached_merged"), 1000, id="default"
+        ),
+        pytest.param(
+            VLLM_RUN,
+            ("--variants", "cached_merged", "vllm"),
+            ("cached_merged", "vllm"),
+            384,
+            id="vllm",
+            marks=pytest.mark.vllm,
+        ),
+    ],
+)
+def test_generation_benchmark_runs_every_variant_to_full_length(model, options, variants, vocab):
+    out = run_script(
+        "generation.py", *model, *options, "--repeats", "1", "--precision", "bf16-mixed", "--device", "cpu"
+    )
+    assert out["config"]["vocab"] == vocab
+    assert list(out["response_tokens_mean"]) == list(variants)
     assert set(out["response_tokens_mean"].values()) == {4 * 4}  # 4 rows x 4 tokens, no stop token reachable
-    assert out["speedup_vs_plain_generate"]["plain_generate"] == 1.0
+    assert out[f"speedup_vs_{variants[0]}"][variants[0]] == 1.0
+    if "vllm" in variants:  # started once, then the policy pushed again before each timed call
+        assert out["vllm_start_seconds"] > out["vllm_load_policy_seconds_median"] > 0
 
 
 def test_packing_benchmark_packs_short_responses_into_fewer_positions():
