@@ -254,7 +254,8 @@ class GenerationConfig:
     same number of forwards."""
     merge_lora: bool = True
     """Merge the LoRA adapter into the base weights while generating (restored bit for bit afterwards); skipped where
-    it cannot apply (no adapter, sharded or quantized weights, ``modules_to_save``, DoRA)."""
+    it cannot apply (no adapter, sharded or quantized weights, ``modules_to_save``, DoRA) and with ``engine: vllm``,
+    which samples with its own copy of the weights."""
     batch_size: int | None = None
     """Prompts sampled at once (each with its ``samples_per_prompt`` responses); None samples the whole per-device
     batch together (fastest; set it to cap memory)."""
